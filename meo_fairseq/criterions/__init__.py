@@ -1,0 +1,3 @@
+"""Registered criteria: ``moe_cross_entropy`` and ``moe_label_smoothed_cross_entropy``."""
+
+from . import moe_cross_entropy, moe_label_smoothed_cross_entropy  # noqa: F401

@@ -1,0 +1,77 @@
+"""``meo_transformer_lm``: fairseq's decoder-only transformer language model with expert FFNs.
+
+Architectures: ``meo_transformer_lm_tiny`` (2 layers, 64-dim, for tests), ``meo_transformer_lm``
+(fairseq's ``transformer_lm`` defaults), ``meo_transformer_lm_gpt2_small``,
+``meo_transformer_lm_gpt2_medium`` (fairseq's GPT-2 sizes).
+"""
+
+from dataclasses import dataclass
+
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer_lm import (
+    DEFAULT_MAX_TARGET_POSITIONS,
+    TransformerLanguageModel,
+    TransformerLanguageModelConfig,
+    base_lm_architecture,
+    transformer_lm_gpt2_medium,
+    transformer_lm_gpt2_small,
+)
+from fairseq.utils import safe_getattr
+
+from .common import MoETransformerDecoder
+from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
+from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
+
+
+@dataclass
+class MEOTransformerLMConfig(TransformerLanguageModelConfig, MoEArgs):
+    pass
+
+
+@register_model("meo_transformer_lm", dataclass=MEOTransformerLMConfig)
+class MEOTransformerLanguageModel(TransformerLanguageModel):
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        add_gate_noise_alias(parser)
+
+    @classmethod
+    def build_model(cls, args, task):
+        # TransformerLanguageModel.build_model hard-codes its decoder, so this builds its own.
+        # The --moe-* options are read here (TransformerConfig drops them from a DictConfig).
+        moe_cfgs = layer_configs(args, "decoder", args.decoder_layers, is_lm=True)
+        for flag in ("character_embeddings", "adaptive_input", "adaptive_softmax_cutoff"):
+            if safe_getattr(args, flag, None):
+                raise ValueError(f"--{flag.replace('_', '-')} is not supported by meo_transformer_lm")
+        if args.decoder_layers_to_keep:
+            args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
+        if safe_getattr(args, "max_target_positions", None) is None:
+            args.max_target_positions = safe_getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
+        embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
+        decoder = MoETransformerDecoder(args, task.target_dictionary, embed_tokens, moe_cfgs, no_encoder_attn=True)
+        model = cls(decoder)
+        path = safe_getattr(args, "moe_upcycle_from", None)
+        if path and not loading_trained_checkpoint():
+            upcycle_from_checkpoint(model, path)
+        return model
+
+
+@register_model_architecture("meo_transformer_lm", "meo_transformer_lm_tiny")
+def meo_transformer_lm_tiny(args):
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 64)
+    args.decoder_input_dim = safe_getattr(args, "decoder_input_dim", args.decoder_embed_dim)
+    args.decoder_output_dim = safe_getattr(args, "decoder_output_dim", args.decoder_embed_dim)
+    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 256)
+    args.decoder_layers = safe_getattr(args, "decoder_layers", 2)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 4)
+    base_lm_architecture(args)
+
+
+@register_model_architecture("meo_transformer_lm", "meo_transformer_lm_gpt2_small")
+def meo_transformer_lm_gpt2_small(args):
+    transformer_lm_gpt2_small(args)
+
+
+@register_model_architecture("meo_transformer_lm", "meo_transformer_lm_gpt2_medium")
+def meo_transformer_lm_gpt2_medium(args):
+    transformer_lm_gpt2_medium(args)

@@ -1,0 +1,128 @@
+"""The ``--moe-*`` options shared by every model, and their translation into layer configs."""
+
+import logging
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.utils import safe_getattr
+
+from ..modules.config import BALANCE_LOSSES, LEVELS, MODES, UNITS, MoEConfig
+
+logger = logging.getLogger(__name__)
+
+DECODER_ROUTINGS = ("encoder", "segment", "prefix", "full")
+
+
+@dataclass
+class MoEArgs(FairseqDataclass):
+    moe_mode: ChoiceEnum(MODES) = field(
+        default="meo", metadata={"help": "dense FFN, vanilla top-k MoE, or MEO (Merging Experts into One)"}
+    )
+    moe_level: ChoiceEnum(LEVELS) = field(
+        default="sequence",
+        metadata={
+            "help": "moe: per-token or per-sequence routing; meo: `token` is the paper's token-level "
+            "MEO (sequence merge plus the per-token attention block)"
+        },
+    )
+    moe_experts: int = field(default=16, metadata={"help": "experts per expert layer"})
+    moe_top_k: int = field(default=4, metadata={"help": "selected experts"})
+    moe_freq: int = field(
+        default=1, metadata={"help": "every F-th layer (F-1, 2F-1, ...) gets experts, the others stay dense"}
+    )
+    moe_expert_unit: ChoiceEnum(UNITS) = field(
+        default="linear",
+        metadata={"help": "`linear`: fc1 and fc2 each have their own router (the authors' code); `ffn`: one router for both"},
+    )
+    moe_decoder_routing: Optional[ChoiceEnum(DECODER_ROUTINGS)] = field(
+        default=None,
+        metadata={
+            "help": "causal routing of decoder layers: encoder (mean of the encoder output; default for "
+            "encoder-decoder models), segment (gate of segment j from segment j-1; default for language "
+            "models), prefix (positions after the first P route on their mean), full (the authors' "
+            "whole-sequence mean: leaks future tokens)"
+        },
+    )
+    moe_segment_length: int = field(default=64, metadata={"help": "segment length L for segment routing"})
+    moe_prefix_length: int = field(default=64, metadata={"help": "prefix length P for prefix routing"})
+    no_moe_gate_noise: bool = field(
+        default=False, metadata={"help": "disable the noise of noisy top-k gating during training"}
+    )
+    moe_balance_loss: ChoiceEnum(BALANCE_LOSSES) = field(
+        default="cv", metadata={"help": "auxiliary load-balancing loss: CV^2(importance)+CV^2(load), Switch, or none"}
+    )
+    moe_balance_weight: float = field(default=0.01, metadata={"help": "weight of the balance loss"})
+    moe_z_loss_weight: float = field(default=0.0, metadata={"help": "weight of the router z-loss (ST-MoE uses 1e-3)"})
+    moe_compressed_experts: int = field(
+        default=0, metadata={"help": "n_ce: how many of the top-k selected experts run as compressed experts"}
+    )
+    moe_merge_min_tokens: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "MEO with linear experts: merge when a routing group has at least this many tokens, "
+            "else run the selected experts and mix (the same function). Default: a cost model"
+        },
+    )
+    moe_upcycle_from: Optional[str] = field(
+        default=None,
+        metadata={"help": "initialise from a checkpoint of the matching dense fairseq model (upcycling)"},
+    )
+
+
+def add_gate_noise_alias(parser):
+    """``--moe-gate-noise`` (the default) beside the dataclass's ``--no-moe-gate-noise``."""
+    try:
+        parser.add_argument(
+            "--moe-gate-noise", dest="no_moe_gate_noise", action="store_false", help="noisy top-k gating (default)"
+        )
+    except Exception:  # already added (argparse conflict)
+        pass
+
+
+def _get(args, name, default=None):
+    value = safe_getattr(args, name, default)
+    return default if value is None else value
+
+
+def layer_configs(args, side: str, num_layers: int, is_lm: bool = False) -> List[MoEConfig]:
+    """One MoEConfig per layer of ``side`` ('encoder' or 'decoder').
+
+    Raises ValueError naming the flag for a bad combination.
+    """
+    mode = str(_get(args, "moe_mode", "meo"))
+    level = str(_get(args, "moe_level", "sequence"))
+    freq = int(_get(args, "moe_freq", 1))
+    if freq < 1:
+        raise ValueError(f"--moe-freq: must be >= 1, got {freq}")
+    routing_flag = safe_getattr(args, "moe_decoder_routing", None)
+    if routing_flag is not None:
+        routing_flag = str(routing_flag)
+    if routing_flag is not None and routing_flag not in DECODER_ROUTINGS:
+        raise ValueError(f"--moe-decoder-routing: unknown value {routing_flag!r}; choose one of {', '.join(DECODER_ROUTINGS)}")
+    if is_lm and routing_flag == "encoder":
+        raise ValueError("--moe-decoder-routing encoder: a language model has no encoder; use segment, prefix or full")
+    if mode == "moe" and level == "token":
+        routing = "token"
+    elif side == "encoder":
+        routing = "sequence"
+    else:
+        routing = routing_flag or ("segment" if is_lm else "encoder")
+    base = MoEConfig(
+        mode=mode,
+        level=level,
+        experts=int(_get(args, "moe_experts", 16)),
+        top_k=int(_get(args, "moe_top_k", 4)),
+        expert_unit=str(_get(args, "moe_expert_unit", "linear")),
+        routing=routing,
+        segment_length=int(_get(args, "moe_segment_length", 64)),
+        prefix_length=int(_get(args, "moe_prefix_length", 64)),
+        gate_noise=not bool(_get(args, "no_moe_gate_noise", False)),
+        balance_loss=str(_get(args, "moe_balance_loss", "cv")),
+        balance_weight=float(_get(args, "moe_balance_weight", 0.01)),
+        z_loss_weight=float(_get(args, "moe_z_loss_weight", 0.0)),
+        compressed_experts=int(_get(args, "moe_compressed_experts", 0)),
+        merge_min_tokens=safe_getattr(args, "moe_merge_min_tokens", None),
+    )
+    dense = base.with_(mode="dense")
+    return [base if (i + 1) % freq == 0 else dense for i in range(num_layers)]

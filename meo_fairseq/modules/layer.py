@@ -1,0 +1,247 @@
+"""Expert layers: :class:`ExpertLinear` (one FFN linear) and :class:`MoEFFN` (a whole FFN).
+
+Both take batch-first inputs ``x`` [B, T, d] with an optional padding mask [B, T] (True = pad),
+an optional context vector [B, d_ctx] (``encoder`` routing) and an optional ``state`` dict kept
+between incremental decoding steps (then ``x`` holds only the new positions; reorder it for beam
+search with :func:`reorder_state`).
+
+Modes (``MoEConfig.mode``): ``dense`` runs the single expert as a plain linear; ``moe`` runs the
+selected experts and mixes their outputs (compute-then-mix); ``meo`` merges the selected experts
+per routing group and runs one linear (merge-then-compute, see merge.py). For linear experts the
+two are the same function, and MEO picks the cheaper one per call from the shapes.
+"""
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import MoEConfig
+from .dispatch import dispatch, mix_linear
+from .experts import StackedExperts, TokenBlock
+from .merge import apply_merged, merge_weights, merged_linear
+from .router import Router, Routing
+
+# Cost of streaming one weight element, in multiply-adds (for choosing merge vs mix).
+STREAM_COST = 4.0
+
+
+def _grouped(x: Tensor, routing: Routing, fn: Callable) -> Tensor:
+    """Apply fn(xg [G, Tg, in], gates, idx, w, ce) per routing run and reassemble [B, T, out]."""
+    bsz, t = x.shape[:2]
+    if routing.bounds is None:  # token routing: every token is a group of one
+        y = fn(x.reshape(bsz * t, 1, -1), *routing.flat())
+        return y.reshape(bsz, t, -1)
+    bounds = routing.bounds
+    s = len(bounds) - 1
+    if s == 1:
+        return fn(x, *routing.flat())
+    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    seg = lens[0]
+    pad = s * seg - t
+    if all(n == seg for n in lens[:-1]) and 0 <= pad and 4 * pad <= t:
+        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+        y = fn(xp.reshape(bsz * s, seg, -1), *routing.flat()).reshape(bsz, s * seg, -1)
+        return y[:, :t] if pad else y
+    return torch.cat([fn(x[:, a:b], *routing.run(i).flat()) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], 1)
+
+
+def _expand(t: Tensor, tokens: int) -> Tensor:
+    """Per-group [G, k] -> per-token [G * tokens, k]."""
+    return t.unsqueeze(1).expand(t.size(0), tokens, t.size(1)).reshape(-1, t.size(1))
+
+
+def reorder_state(state, new_order: Tensor):
+    """Reorder an incremental-decoding state (beam search): every tensor is batch-first."""
+    if isinstance(state, Tensor):
+        return state.index_select(0, new_order) if state.dim() > 0 else state
+    if isinstance(state, dict):
+        return {k: reorder_state(v, new_order) for k, v in state.items()}
+    if isinstance(state, (tuple, list)):
+        return type(state)(reorder_state(v, new_order) for v in state)
+    return state
+
+
+class _ExpertBase(nn.Module):
+    cfg: MoEConfig
+
+    def choose_merge(self, groups: int, tokens_per_group: float, cached: bool) -> bool:
+        """Merge-then-compute or compute-then-mix for linear experts (the same function).
+
+        Costs in multiply-adds per weight element: mixing runs k experts over every token and
+        streams the distinct experts used; merging streams all N experts once, writes and reads
+        a merged matrix per group (only reads it when cached), then one matmul per token.
+        """
+        cfg = self.cfg
+        if cfg.merge_min_tokens is not None:
+            return tokens_per_group >= cfg.merge_min_tokens
+        n, k = cfg.experts, cfg.full_experts
+        tokens = groups * tokens_per_group
+        mix = tokens * k + STREAM_COST * min(n, groups * k)
+        if cached:
+            merge = tokens + STREAM_COST * groups
+        else:
+            merge = tokens + groups * n + STREAM_COST * (n + 2 * groups)
+        return merge <= mix
+
+    def _static_gates(self, routing: Routing, state) -> bool:
+        """Incremental decoding with one run whose gates stay for later steps (cacheable)."""
+        return (
+            state is not None
+            and routing.bounds is not None
+            and len(routing.bounds) == 2
+            and self.cfg.routing != "full"
+        )
+
+    @staticmethod
+    def _cached_merge(state, key, version, gates, experts: StackedExperts):
+        hit = state.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1], hit[2]
+        w, b = merge_weights(gates, experts.weight, experts.bias)
+        state[key] = (version, w, b)
+        return w, b
+
+
+class ExpertLinear(_ExpertBase):
+    """A linear layer made of N experts: ``experts`` (StackedExperts), ``router`` (own router,
+    expert unit ``linear``; None when a parent routes, expert unit ``ffn``), ``token_block``."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: MoEConfig, router_dim: Optional[int] = None, bias: bool = True, own_router: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        dense = cfg.mode == "dense"
+        self.experts = StackedExperts(
+            in_features, out_features, 1 if dense else cfg.experts, bias, compressed=not dense and cfg.compressed_experts > 0
+        )
+        self.router = Router(router_dim or in_features, cfg) if (own_router and not dense) else None
+        self.token_block = TokenBlock(in_features) if (own_router and cfg.token_block) else None
+
+    def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None, context: Optional[Tensor] = None, state: Optional[dict] = None, routing: Optional[Routing] = None) -> Tensor:
+        """x: [B, T, in] -> [B, T, out]. ``routing`` is given by a parent when it routes."""
+        if self.cfg.mode == "dense":
+            return self.experts.dense(x)
+        if routing is None:
+            routing = self.router(x, pad_mask, context, state.setdefault("router", {}) if state is not None else None)
+        if self.token_block is not None:
+            x = self.token_block(x)
+        cache = state if self._static_gates(routing, state) else None
+        return _grouped(x, routing, lambda *a: self._compute(*a, routing=routing, cache=cache))
+
+    def _compute(self, xg, gates, idx, w, ce, routing, cache):
+        ex = self.experts
+        s = ex.input_scale(ce)
+        if s is not None:
+            xg = xg * s.unsqueeze(1).to(xg.dtype)
+        g, tg = xg.shape[:2]
+        if self.cfg.mode == "meo" and self.choose_merge(g, tg, cached=cache is not None):
+            if cache is not None:
+                wm, bm = self._cached_merge(cache, "merged", routing.version, gates, ex)
+                return apply_merged(xg, wm, bm)
+            return merged_linear(xg, gates, ex.weight, ex.bias)
+        y = mix_linear(xg.reshape(g * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias)
+        return y.view(g, tg, -1)
+
+    @torch.no_grad()
+    def upcycle_(self, weight: Tensor, bias: Optional[Tensor]):
+        """Become N copies of a dense linear; zero router; identity token block."""
+        self.experts.copy_dense_(weight, bias)
+        if self.router is not None:
+            for p in self.router.parameters():
+                p.zero_()
+        if self.token_block is not None:
+            self.token_block.reset_identity_()
+
+
+class MoEFFN(_ExpertBase):
+    """A whole FFN ``fc2(dropout(act(fc1(x))))`` with experts.
+
+    Expert unit ``linear``: fc1 and fc2 are :class:`ExpertLinear` with their own routers (the
+    authors' layout). Expert unit ``ffn``: one ``router`` routes fc1 and fc2 together, so an
+    expert is a whole FFN (Switch/GShard for ``moe``; SMEAR/Lory-style merged FFN for ``meo``).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        ffn_dim: int,
+        cfg: MoEConfig,
+        activation_fn: Callable[[Tensor], Tensor] = F.relu,
+        activation_dropout=0.0,
+        router_dim: Optional[int] = None,
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.activation_fn = activation_fn
+        # a float, or a module (fairseq passes its FairseqDropout)
+        self.activation_dropout = activation_dropout if isinstance(activation_dropout, nn.Module) else nn.Dropout(activation_dropout)
+        shared = cfg.expert_unit == "ffn" and cfg.mode != "dense"
+        self.fc1 = ExpertLinear(embed_dim, ffn_dim, cfg, router_dim, bias, own_router=not shared)
+        self.fc2 = ExpertLinear(ffn_dim, embed_dim, cfg, router_dim, bias, own_router=not shared)
+        self.router = Router(router_dim or embed_dim, cfg) if shared else None
+        self.token_block = TokenBlock(embed_dim) if (shared and cfg.token_block) else None
+
+    def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None, context: Optional[Tensor] = None, state: Optional[dict] = None) -> Tensor:
+        """x: [B, T, embed_dim] -> [B, T, embed_dim]."""
+        if self.router is None:
+            sub = (lambda k: state.setdefault(k, {})) if state is not None else (lambda k: None)
+            h = self.activation_dropout(self.activation_fn(self.fc1(x, pad_mask, context, sub("fc1"))))
+            return self.fc2(h, pad_mask, context, sub("fc2"))
+        routing = self.router(x, pad_mask, context, state.setdefault("router", {}) if state is not None else None)
+        if self.token_block is not None:
+            x = self.token_block(x)
+        if self.cfg.mode == "moe":
+            return _grouped(x, routing, self._mix)
+        cache = state if self._static_gates(routing, state) else None
+        return _grouped(x, routing, lambda *a: self._merge(*a, version=routing.version, cache=cache))
+
+    def _merge(self, xg, gates, idx, w, ce, version, cache):
+        e1, e2 = self.fc1.experts, self.fc2.experts
+        s1, s2 = e1.input_scale(ce), e2.input_scale(ce)
+        if s1 is not None:
+            xg = xg * s1.unsqueeze(1).to(xg.dtype)
+        if cache is not None:
+            h = apply_merged(xg, *self._cached_merge(cache, "merged1", version, gates, e1))
+        else:
+            h = merged_linear(xg, gates, e1.weight, e1.bias)
+        h = self.activation_dropout(self.activation_fn(h))
+        if s2 is not None:
+            h = h * s2.unsqueeze(1).to(h.dtype)
+        if cache is not None:
+            return apply_merged(h, *self._cached_merge(cache, "merged2", version, gates, e2))
+        return merged_linear(h, gates, e2.weight, e2.bias)
+
+    def _mix(self, xg, gates, idx, w, ce):
+        e1, e2 = self.fc1.experts, self.fc2.experts
+        g, tg = xg.shape[:2]
+        s1, s2 = e1.input_scale(ce), e2.input_scale(ce)
+        if s1 is not None:
+            xg = xg * s1.unsqueeze(1).to(xg.dtype)
+        side = s2.repeat_interleave(tg, 0) if s2 is not None else None
+
+        def ffn(e, xe, se):
+            h = F.linear(xe, e1.weight[e], e1.bias[e] if e1.bias is not None else None)
+            h = self.activation_dropout(self.activation_fn(h))
+            if se is not None:
+                h = h * se.to(h.dtype)
+            return F.linear(h, e2.weight[e], e2.bias[e] if e2.bias is not None else None)
+
+        y = dispatch(xg.reshape(g * tg, -1).to(e1.weight.dtype), _expand(idx, tg), _expand(w, tg), ffn, e2.out_features, side)
+        return y.view(g, tg, -1)
+
+    @torch.no_grad()
+    def upcycle_(self, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor]):
+        """Initialise from a dense FFN so that the layer computes exactly the dense function."""
+        self.fc1.upcycle_(fc1_weight, fc1_bias)
+        self.fc2.upcycle_(fc2_weight, fc2_bias)
+        if self.router is not None:
+            for p in self.router.parameters():
+                p.zero_()
+        if self.token_block is not None:
+            self.token_block.reset_identity_()
+
+    def routers(self):
+        return [m for m in self.modules() if isinstance(m, Router)]

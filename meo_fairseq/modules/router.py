@@ -1,0 +1,332 @@
+"""Noisy top-k router with token, sequence and causal routing granularities.
+
+The router turns a layer input ``x`` [B, T, d] (plus a padding mask and, for ``encoder`` routing,
+a context vector) into a :class:`Routing`: gates for *runs* of consecutive positions that share
+one gate (a sequence, a segment, the part after a prefix), or for every token.
+
+Everything is computed in fp32 whatever the input dtype. The auxiliary loss of the last forward
+is exposed as ``router.aux_loss`` (already weighted) and routing statistics as ``router.stats``.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import losses
+from .config import MoEConfig
+
+_NOISE_EPS = 1e-2
+
+
+@dataclass
+class Routing:
+    """Gates of one call.
+
+    gates: [B, S, N] fp32 gates of the fully computed experts (zeros elsewhere); their sum is 1.
+    idx, w: [B, S, k_full] the same as indices and weights (for compute-then-mix).
+    ce: [B, S, N] renormalised gates of the compressed experts, or None.
+    bounds: S+1 positions along T delimiting the runs that share a gate; None for token routing
+        (then S == T and every token is its own run).
+    version: for incremental decoding, changes whenever the gates change (cache key).
+    """
+
+    gates: Tensor
+    idx: Tensor
+    w: Tensor
+    ce: Optional[Tensor]
+    bounds: Optional[List[int]]
+    version: int = -1
+
+    def run(self, s: int) -> "Routing":
+        """The routing of run ``s`` alone (bounds relative to that run)."""
+        a, b = self.bounds[s], self.bounds[s + 1]
+        pick = slice(s, s + 1)
+        ce = self.ce[:, pick] if self.ce is not None else None
+        return Routing(self.gates[:, pick], self.idx[:, pick], self.w[:, pick], ce, [0, b - a], self.version)
+
+    def flat(self):
+        """gates [G, N], idx, w [G, k], ce [G, N] or None with G = B * S."""
+        b, s, n = self.gates.shape
+        ce = self.ce.reshape(b * s, n) if self.ce is not None else None
+        k = self.idx.size(-1)
+        return self.gates.reshape(b * s, n), self.idx.reshape(b * s, k), self.w.reshape(b * s, k), ce
+
+
+def masked_mean(x: Tensor, pad_mask: Optional[Tensor]) -> Tensor:
+    """Mean over T of x [B, T, d] ignoring pad positions (pad_mask [B, T], True = pad); fp32 [B, d].
+
+    A sequence with no real token gives zeros.
+    """
+    x = x.float()
+    if pad_mask is None:
+        return x.mean(1)
+    keep = (~pad_mask).to(x.dtype).unsqueeze(-1)
+    return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+
+class Router(nn.Module):
+    """Noisy top-k gating (Shazeer et al. 2017) with a learned default gate for causal modes.
+
+    Parameters (zero-initialised, as the authors' code: an upcycled layer starts at the dense
+    function): ``w_gate`` [d, N], ``w_noise`` [d, N], ``default_logits`` [N].
+    """
+
+    def __init__(self, input_dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.experts
+        self.w_gate = nn.Parameter(torch.zeros(input_dim, cfg.experts))
+        self.w_noise = nn.Parameter(torch.zeros(input_dim, cfg.experts))
+        self.default_logits = nn.Parameter(torch.zeros(cfg.experts))
+        self.aux_loss: Optional[Tensor] = None
+        self.stats: Dict[str, Tensor] = {}
+
+    # ---- gating -------------------------------------------------------------------------
+    def _select(self, logits: Tensor):
+        """Top-k of logits [G, N] -> (gates over the k [G, k], indices [G, k]) sorted descending."""
+        top_v, top_i = logits.topk(self.cfg.top_k, dim=-1)
+        return torch.softmax(top_v, dim=-1), top_i
+
+    def _split(self, gk: Tensor, ik: Tensor):
+        """Split the top-k into full and compressed experts; dense gates [G, N] of each part."""
+        n, kf = self.num_experts, self.cfg.full_experts
+        w, idx = gk[:, :kf], ik[:, :kf]
+        ce = None
+        if self.cfg.compressed_experts:
+            w = w / w.sum(-1, keepdim=True)
+            wc = gk[:, kf:]
+            wc = wc / wc.sum(-1, keepdim=True)
+            ce = gk.new_zeros(gk.size(0), n).scatter(1, ik[:, kf:], wc)
+        gates = gk.new_zeros(gk.size(0), n).scatter(1, idx, w)
+        return gates, idx, w, ce
+
+    def route(self, inp: Tensor, aux_mask: Optional[Tensor] = None):
+        """Gate router inputs inp [G, d] (any dtype; computed in fp32).
+
+        Returns (gates [G, N], idx [G, kf], w [G, kf], ce [G, N] or None). Sets the auxiliary
+        loss and statistics over the groups where aux_mask [G] is True (all when None).
+        """
+        inp = inp.float()
+        clean = inp @ self.w_gate.float()
+        logits = clean
+        noisy = self.training and self.cfg.gate_noise
+        if noisy:
+            std = F.softplus(inp @ self.w_noise.float()) + _NOISE_EPS
+            logits = clean + torch.randn_like(clean) * std
+        gk, ik = self._select(logits)
+        if torch.is_grad_enabled() or not self.training:
+            self._aux(clean, logits, gk, ik, std if noisy else None, aux_mask)
+        return self._split(gk, ik)
+
+    def default_gate(self, groups: int):
+        """The learned input-independent gate, repeated for ``groups`` groups."""
+        gk, ik = self._select(self.default_logits.float().unsqueeze(0))
+        parts = self._split(gk, ik)
+        return tuple(p.expand(groups, *p.shape[1:]) if p is not None else None for p in parts)
+
+    def _aux(self, clean, logits, gk, ik, std, aux_mask):
+        if aux_mask is not None:
+            clean, logits, gk, ik = clean[aux_mask], logits[aux_mask], gk[aux_mask], ik[aux_mask]
+            if std is not None:
+                std = std[aux_mask]
+        n, cfg = self.num_experts, self.cfg
+        gates = clean.new_zeros(clean.size(0), n).scatter(1, ik, gk)
+        zero = clean.new_zeros(())
+        if gates.size(0) == 0:
+            self.aux_loss = zero
+            self.stats = {}
+            return
+        if cfg.balance_loss == "cv":
+            if std is not None and cfg.top_k < n:
+                load = _prob_in_top_k(clean, logits, std, cfg.top_k).sum(0)
+            else:
+                load = (gates > 0).to(gates.dtype).sum(0)
+            balance = losses.cv_loss(gates, load)
+        elif cfg.balance_loss == "switch":
+            balance = losses.switch_loss(clean, gates)
+        else:
+            balance = zero
+        zl = losses.z_loss(clean) if cfg.z_loss_weight > 0 else zero
+        self.aux_loss = cfg.balance_weight * balance + cfg.z_loss_weight * zl
+        with torch.no_grad():
+            frac = gates.sum(0) / gates.sum()
+            ent = -(frac * frac.clamp(min=1e-12).log()).sum()
+        self.stats = {"balance": balance.detach(), "z_loss": zl.detach(), "fraction": frac, "entropy": ent}
+
+    # ---- granularities ------------------------------------------------------------------
+    def forward(
+        self,
+        x: Tensor,
+        pad_mask: Optional[Tensor] = None,
+        context: Optional[Tensor] = None,
+        state: Optional[dict] = None,
+    ) -> Routing:
+        """x: [B, T, d] router input; pad_mask: [B, T] (True = pad) or None; context: [B, d_ctx]
+        for ``encoder`` routing; state: a dict kept between incremental decoding steps (x then
+        holds the new positions only)."""
+        self.aux_loss, self.stats = None, {}
+        r = self.cfg.routing
+        if r == "encoder" and context is None:
+            raise ValueError("--moe-decoder-routing encoder needs the encoder output as context")
+        if state is not None:
+            return self._incremental(x, pad_mask, context, state)
+        bsz, t, _ = x.shape
+        if r == "token":
+            keep = None if pad_mask is None else ~pad_mask.reshape(-1)
+            parts = self.route(x.reshape(bsz * t, -1), keep)
+            return self._pack(parts, bsz, t, None)
+        if r == "encoder":
+            return self._pack(self.route(context), bsz, 1, [0, t])
+        if r in ("sequence", "full"):
+            keep = None if pad_mask is None else (~pad_mask).any(1)
+            return self._pack(self.route(masked_mean(x, pad_mask), keep), bsz, 1, [0, t])
+        if r == "prefix":
+            p = self.cfg.prefix_length
+            if t <= p:
+                return self._pack(self.default_gate(bsz), bsz, 1, [0, t])
+            head_mask = pad_mask[:, :p] if pad_mask is not None else None
+            mean = masked_mean(x[:, :p], head_mask)
+            valid = torch.ones(bsz, dtype=torch.bool, device=x.device)
+            if pad_mask is not None:
+                valid = (~head_mask).any(1)
+                valid_tail = (~pad_mask[:, p:]).any(1)
+            routed = self.route(mean, valid & valid_tail if pad_mask is not None else None)
+            routed = _where(valid, routed, self.default_gate(bsz))
+            return self._pack(_stack([self.default_gate(bsz), routed]), bsz, 2, [0, p, t])
+        # segment
+        seg = self.cfg.segment_length
+        s = math.ceil(t / seg)
+        bounds = [min(i * seg, t) for i in range(s + 1)]
+        if s == 1:
+            return self._pack(self.default_gate(bsz), bsz, 1, bounds)
+        xf = x.float()
+        keep = torch.ones(bsz, t, device=x.device) if pad_mask is None else (~pad_mask).float()
+        pad_t = s * seg - t
+        if pad_t:
+            xf = F.pad(xf, (0, 0, 0, pad_t))
+            keep = F.pad(keep, (0, pad_t))
+        sums = (xf * keep.unsqueeze(-1)).view(bsz, s, seg, -1).sum(2)  # [B, S, d]
+        cnt = keep.view(bsz, s, seg).sum(2)  # [B, S]
+        means = sums / cnt.clamp(min=1.0).unsqueeze(-1)
+        valid_prev = cnt[:, :-1] > 0  # [B, S-1]: segment j-1 has real tokens
+        aux_mask = (valid_prev & (cnt[:, 1:] > 0)).reshape(-1)
+        routed = self.route(means[:, :-1].reshape(bsz * (s - 1), -1), aux_mask)
+        routed = _where(valid_prev.reshape(-1), routed, self.default_gate(bsz * (s - 1)))
+        first = self.default_gate(bsz)
+        parts = []
+        for d0, rt in zip(first, routed):
+            if d0 is None:
+                parts.append(None)
+                continue
+            rt = rt.reshape(bsz, s - 1, *rt.shape[1:])
+            parts.append(torch.cat([d0.unsqueeze(1), rt], 1).reshape(bsz * s, *rt.shape[2:]))
+        return self._pack(tuple(parts), bsz, s, bounds)
+
+    def _pack(self, parts, bsz: int, s: int, bounds, version: int = -1) -> Routing:
+        gates, idx, w, ce = parts
+        shape = lambda t: t.reshape(bsz, s, *t.shape[1:]) if t is not None else None  # noqa: E731
+        return Routing(shape(gates), shape(idx), shape(w), shape(ce), bounds, version)
+
+    # ---- incremental decoding -----------------------------------------------------------
+    def _incremental(self, x, pad_mask, context, state) -> Routing:
+        """Gates for new positions x [B, t, d], consistent with the teacher-forced forward."""
+        r, cfg = self.cfg.routing, self.cfg
+        bsz, t, _ = x.shape
+        if r == "token":
+            return self.forward(x, pad_mask, context, None)
+        if r == "sequence":
+            raise ValueError("sequence routing is not causal; a decoder needs encoder/segment/prefix/full")
+        p0 = state.get("pos", 0)
+        keep = torch.ones(bsz, t, 1, device=x.device) if pad_mask is None else (~pad_mask).float().unsqueeze(-1)
+        xk = x.float() * keep
+        runs, bounds = [], [0]
+        p, end = p0, p0 + t
+
+        def accumulate(a, b):
+            state["sum"] = state.get("sum", 0) + xk[:, a - p0 : b - p0].sum(1)
+            state["count"] = state.get("count", 0) + keep[:, a - p0 : b - p0].sum(1)
+
+        def set_gates(parts):
+            state["gates"] = parts
+            state["version"] = state.get("version", 0) + 1
+
+        def routed_or_default():
+            cnt = state["count"].squeeze(-1)
+            valid = cnt > 0
+            routed = self.route(state["sum"] / cnt.clamp(min=1.0).unsqueeze(-1))
+            return _where(valid, routed, self.default_gate(bsz))
+
+        while p < end:
+            if r == "encoder":
+                if "gates" not in state:
+                    set_gates(self.route(context))
+                q = end
+            elif r == "segment":
+                seg = cfg.segment_length
+                if p % seg == 0:
+                    set_gates(self.default_gate(bsz) if p == 0 else routed_or_default())
+                    state.pop("sum", None), state.pop("count", None)
+                q = min(end, (p // seg + 1) * seg)
+                accumulate(p, q)
+            elif r == "prefix":
+                pl = cfg.prefix_length
+                if p < pl:
+                    if "gates" not in state:
+                        set_gates(self.default_gate(bsz))
+                    q = min(end, pl)
+                    accumulate(p, q)
+                else:
+                    if p == pl or state.get("routed") is None:
+                        set_gates(routed_or_default())
+                        state["routed"] = True
+                    q = end
+            else:  # full: route on the running mean of everything seen (re-merges every step)
+                q = p + 1
+                accumulate(p, q)
+                set_gates(routed_or_default())
+            runs.append(state["gates"])
+            bounds.append(q - p0)
+            p = q
+        state["pos"] = end
+        parts = _stack(runs)
+        return self._pack(parts, bsz, len(runs), bounds, state.get("version", -1))
+
+
+def _where(cond: Tensor, a, b):
+    """Per-group choice between two gate tuples (cond [G])."""
+    out = []
+    for x, y in zip(a, b):
+        if x is None:
+            out.append(None)
+            continue
+        c = cond.view(-1, *([1] * (x.dim() - 1)))
+        out.append(torch.where(c, x, y))
+    return tuple(out)
+
+
+def _stack(parts_list):
+    """Stack gate tuples of S runs ([B, ...] each) into [B * S, ...] tuples (run-minor)."""
+    out = []
+    for items in zip(*parts_list):
+        if items[0] is None:
+            out.append(None)
+            continue
+        st = torch.stack(items, 1)
+        out.append(st.reshape(-1, *st.shape[2:]))
+    return tuple(out)
+
+
+def _prob_in_top_k(clean: Tensor, noisy: Tensor, std: Tensor, k: int) -> Tensor:
+    """Smooth load estimate of noisy top-k gating (Shazeer et al. 2017, appendix A): [G, N]."""
+    top = noisy.topk(k + 1, dim=-1).values
+    thr_in = top[:, k : k + 1]
+    thr_out = top[:, k - 1 : k]
+    normal = torch.distributions.Normal(0.0, 1.0)
+    p_in = normal.cdf((clean - thr_in) / std)
+    p_out = normal.cdf((clean - thr_out) / std)
+    return torch.where(noisy > thr_in, p_in, p_out)
