@@ -12,7 +12,6 @@ from fairseq.models.transformer_lm import (
     DEFAULT_MAX_TARGET_POSITIONS,
     TransformerLanguageModel,
     TransformerLanguageModelConfig,
-    base_lm_architecture,
     transformer_lm_gpt2_medium,
     transformer_lm_gpt2_small,
 )
@@ -64,7 +63,8 @@ def meo_transformer_lm_tiny(args):
     args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 256)
     args.decoder_layers = safe_getattr(args, "decoder_layers", 2)
     args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 4)
-    base_lm_architecture(args)
+    # everything else: the defaults of fairseq's `transformer_lm` (post-LN), so that a
+    # `transformer_lm` with these sizes upcycles into it
 
 
 @register_model_architecture("meo_transformer_lm", "meo_transformer_lm_gpt2_small")

@@ -88,19 +88,22 @@ class Router(nn.Module):
 
     # ---- gating -------------------------------------------------------------------------
     def _select(self, logits: Tensor):
-        """Top-k of logits [G, N] -> (gates over the k [G, k], indices [G, k]) sorted descending."""
+        """Top-k of logits [G, N] -> (gates over the k [G, k], indices [G, k], the k logits [G, k]),
+        sorted descending."""
         top_v, top_i = logits.topk(self.cfg.top_k, dim=-1)
-        return torch.softmax(top_v, dim=-1), top_i
+        return torch.softmax(top_v, dim=-1), top_i, top_v
 
-    def _split(self, gk: Tensor, ik: Tensor):
+    def _split(self, gk: Tensor, ik: Tensor, top_v: Tensor):
         """Split the top-k into full and compressed experts; dense gates [G, N] of each part."""
         n, kf = self.num_experts, self.cfg.full_experts
         w, idx = gk[:, :kf], ik[:, :kf]
         ce = None
         if self.cfg.compressed_experts:
-            w = w / w.sum(-1, keepdim=True)
-            wc = gk[:, kf:]
-            wc = wc / wc.sum(-1, keepdim=True)
+            # Renormalised gates of each part, as a softmax over that part's own logits (the same
+            # values as gk[part] / gk[part].sum(), but without 0/0 = NaN when the compressed
+            # gates underflow to zero for large logit gaps).
+            w = torch.softmax(top_v[:, :kf], dim=-1)
+            wc = torch.softmax(top_v[:, kf:], dim=-1)
             ce = gk.new_zeros(gk.size(0), n).scatter(1, ik[:, kf:], wc)
         gates = gk.new_zeros(gk.size(0), n).scatter(1, idx, w)
         return gates, idx, w, ce
@@ -118,15 +121,14 @@ class Router(nn.Module):
         if noisy:
             std = F.softplus(inp @ self.w_noise.float()) + _NOISE_EPS
             logits = clean + torch.randn_like(clean) * std
-        gk, ik = self._select(logits)
+        gk, ik, top_v = self._select(logits)
         if torch.is_grad_enabled() or not self.training:
             self._aux(clean, logits, gk, ik, std if noisy else None, aux_mask)
-        return self._split(gk, ik)
+        return self._split(gk, ik, top_v)
 
     def default_gate(self, groups: int):
         """The learned input-independent gate, repeated for ``groups`` groups."""
-        gk, ik = self._select(self.default_logits.float().unsqueeze(0))
-        parts = self._split(gk, ik)
+        parts = self._split(*self._select(self.default_logits.float().unsqueeze(0)))
         return tuple(p.expand(groups, *p.shape[1:]) if p is not None else None for p in parts)
 
     def _aux(self, clean, logits, gk, ik, std, aux_mask):
