@@ -1,0 +1,115 @@
+# Helpers shared by scripts/prepare_{xsum,wikitext,squad}.sh (sourced, not run).
+#
+# The calling script sets PROG and defines usage(). The flow is:
+#   parse options -> resolve_raw (download when there is no --raw) -> make_stamp (hash of the
+#   inputs, options and this code) -> begin_output (no-op exit if OUT already holds that stamp;
+#   else a staging dir WORK next to OUT) -> the data set's own steps write WORK/out and WORK/text
+#   -> run_preprocess -> finish_output (stamp, then mv WORK/out to OUT).
+# Nothing is written into OUT until the final mv; WORK is removed on any exit.
+
+_common_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_DIR="$(dirname "$_common_dir")"
+PREP_PY="$REPO_DIR/meo_fairseq/data/prepare.py"
+if [[ -n "${PYTHON:-}" ]]; then
+  PY="$PYTHON"
+elif [[ -x "$REPO_DIR/.venv/bin/python" ]]; then
+  PY="$REPO_DIR/.venv/bin/python"
+else
+  PY="$(command -v python3 || command -v python || echo python3)"
+fi
+export PYTHONHASHSEED=0
+WORK=""
+
+die() { echo "$PROG: error: $*" >&2; exit 2; }
+log() { echo "[$PROG] $*" >&2; }
+# Run the Python helper as a file: it needs neither fairseq nor the meo_fairseq package __init__.
+prep() { "$PY" "$PREP_PY" "$@"; }
+
+need_value() {  # need_value OPTION "$#": an option that takes a value must have one
+  [[ "$2" -ge 2 ]] || die "option $1 needs a value (see --help)"
+}
+
+check_int() {  # check_int NAME VALUE MIN
+  [[ "$2" =~ ^[0-9]+$ ]] && (( $2 >= $3 )) || die "$1 must be an integer >= $3, got '$2'"
+}
+
+abs_path() {  # absolute path without trailing slashes (the path need not exist)
+  local p="$1"
+  [[ "$p" == /* ]] || p="$PWD/$p"
+  while [[ "$p" == */ && "$p" != / ]]; do p="${p%/}"; done
+  printf '%s\n' "$p"
+}
+
+_sha256() {
+  if command -v sha256sum >/dev/null 2>&1; then sha256sum | cut -d' ' -f1; else shasum -a 256 | cut -d' ' -f1; fi
+}
+
+# make_stamp "key value" ... -- FILE ...: sets STAMP (first line "sha256 HASH", then the details).
+# The hash covers the options that change the output, the input files' contents (not their paths,
+# so the same data elsewhere gives the same stamp), this code and the sentencepiece version.
+make_stamp() {
+  local details="" f
+  details+="script $PROG"$'\n'
+  while [[ $# -gt 0 && "$1" != "--" ]]; do details+="$1"$'\n'; shift; done
+  [[ $# -gt 0 ]] && shift
+  for f in "$@"; do details+="input $(basename "$f") $(_sha256 < "$f")"$'\n'; done
+  details+="code $(cat "$_common_dir/_prepare_common.sh" "$0" "$PREP_PY" | _sha256)"$'\n'
+  details+="sentencepiece $("$PY" -c 'import sentencepiece; print(sentencepiece.__version__)')"$'\n'
+  STAMP="sha256 $(printf '%s' "$details" | _sha256)"$'\n'"$details"
+}
+
+_cleanup() {
+  if [[ -n "$WORK" && -d "$WORK" ]]; then rm -rf "$WORK"; fi
+}
+
+# begin_output: OUT (absolute) and STAMP must be set. Exits 0 if OUT is already up to date.
+begin_output() {
+  [[ "$OUT" != "/" ]] || die "--out must not be /"
+  if [[ -e "$OUT" ]]; then
+    if [[ -f "$OUT/prepare.stamp" ]]; then
+      if [[ "$(head -n 1 "$OUT/prepare.stamp")" == "$(head -n 1 <<<"$STAMP")" ]]; then
+        log "$OUT is up to date (same inputs, options and code): nothing to do"
+        exit 0
+      fi
+      log "$OUT was prepared from other inputs or options: rebuilding it"
+    else
+      die "$OUT exists and has no prepare.stamp from these scripts: not overwriting it (remove it or choose another --out)"
+    fi
+  fi
+  local parent
+  parent="$(dirname "$OUT")"
+  mkdir -p "$parent"
+  WORK="$(mktemp -d "$parent/.$(basename "$OUT").tmp.XXXXXX")"
+  trap _cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  mkdir "$WORK/out" "$WORK/text"
+}
+
+# run_preprocess ARGS...: fairseq-preprocess inside WORK/text (relative paths, so that the
+# preprocess.log it writes is the same on every run) with --destdir WORK/out.
+run_preprocess() {
+  log "binarizing with fairseq-preprocess"
+  (cd "$WORK/text" && "$PY" -m fairseq_cli.preprocess "$@" --destdir ../out --workers "$WORKERS") \
+    || die "fairseq-preprocess failed"
+  # Its log starts with the full argument Namespace, which includes --workers: drop that line so
+  # the output does not depend on the number of workers (the statistics lines stay).
+  if [[ -f "$WORK/out/preprocess.log" ]]; then
+    grep -v '^Namespace(' "$WORK/out/preprocess.log" > "$WORK/preprocess.log" || true
+    mv "$WORK/preprocess.log" "$WORK/out/preprocess.log"
+  fi
+}
+
+finish_output() {
+  printf '%s' "$STAMP" > "$WORK/out/prepare.stamp"
+  if [[ -e "$OUT" ]]; then mv "$OUT" "$WORK/old"; fi
+  mv "$WORK/out" "$OUT"
+  log "wrote $OUT"
+}
+
+default_workers() {
+  local n
+  n="$(nproc 2>/dev/null || echo 1)"
+  (( n > 8 )) && n=8
+  echo "$n"
+}
