@@ -7,38 +7,13 @@
 #   -> run_preprocess -> finish_output (stamp, then mv WORK/out to OUT).
 # Nothing is written into OUT until the final mv; WORK is removed on any exit.
 
-_common_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_DIR="$(dirname "$_common_dir")"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 PREP_PY="$REPO_DIR/meo_fairseq/data/prepare.py"
-if [[ -n "${PYTHON:-}" ]]; then
-  PY="$PYTHON"
-elif [[ -x "$REPO_DIR/.venv/bin/python" ]]; then
-  PY="$REPO_DIR/.venv/bin/python"
-else
-  PY="$(command -v python3 || command -v python || echo python3)"
-fi
 export PYTHONHASHSEED=0
 WORK=""
 
-die() { echo "$PROG: error: $*" >&2; exit 2; }
-log() { echo "[$PROG] $*" >&2; }
 # Run the Python helper as a file: it needs neither fairseq nor the meo_fairseq package __init__.
 prep() { "$PY" "$PREP_PY" "$@"; }
-
-need_value() {  # need_value OPTION "$#": an option that takes a value must have one
-  [[ "$2" -ge 2 ]] || die "option $1 needs a value (see --help)"
-}
-
-check_int() {  # check_int NAME VALUE MIN
-  [[ "$2" =~ ^[0-9]+$ ]] && (( $2 >= $3 )) || die "$1 must be an integer >= $3, got '$2'"
-}
-
-abs_path() {  # absolute path without trailing slashes (the path need not exist)
-  local p="$1"
-  [[ "$p" == /* ]] || p="$PWD/$p"
-  while [[ "$p" == */ && "$p" != / ]]; do p="${p%/}"; done
-  printf '%s\n' "$p"
-}
 
 _sha256() {
   if command -v sha256sum >/dev/null 2>&1; then sha256sum | cut -d' ' -f1; else shasum -a 256 | cut -d' ' -f1; fi
@@ -53,7 +28,7 @@ make_stamp() {
   while [[ $# -gt 0 && "$1" != "--" ]]; do details+="$1"$'\n'; shift; done
   [[ $# -gt 0 ]] && shift
   for f in "$@"; do details+="input $(basename "$f") $(_sha256 < "$f")"$'\n'; done
-  details+="code $(cat "$_common_dir/_prepare_common.sh" "$0" "$PREP_PY" | _sha256)"$'\n'
+  details+="code $(cat "$REPO_DIR/scripts/_common.sh" "$REPO_DIR/scripts/_prepare_common.sh" "$0" "$PREP_PY" | _sha256)"$'\n'
   details+="sentencepiece $("$PY" -c 'import sentencepiece; print(sentencepiece.__version__)')"$'\n'
   STAMP="sha256 $(printf '%s' "$details" | _sha256)"$'\n'"$details"
 }

@@ -33,6 +33,10 @@ def _dense_ffn(dense: dict, prefix: str, i: int):
     raise ValueError(f"--moe-upcycle-from: the checkpoint has no FFN weights for {prefix.rstrip('.')} ({plain}weight)")
 
 
+def _is_embedding(key: str) -> bool:
+    return key.endswith("embed_tokens.weight") or key.endswith("output_projection.weight")
+
+
 def loading_trained_checkpoint() -> bool:
     """True while fairseq builds a model to load a trained checkpoint into (generate, eval-lm):
     then the trained weights replace the initialisation and the dense file is not needed."""
@@ -55,6 +59,11 @@ def upcycle_from_checkpoint(model: torch.nn.Module, path: str) -> None:
             skipped.append(key)
             continue
         src = dense[key]
+        if _is_embedding(key) and src.dim() == 2 and src.size(0) == tensor.size(0) + 1 and src.size(1) == tensor.size(1):
+            # as fairseq's BART loader: bart.* checkpoints have one more row (<mask>) than the
+            # GPT-2 dictionary they are fine-tuned with
+            logger.warning("upcycling: %s has one more row in %s (<mask>); dropping the last row", key, path)
+            src = src[:-1]
         if tuple(src.shape) != tuple(tensor.shape):
             raise ValueError(
                 f"--moe-upcycle-from: {key} has shape {tuple(src.shape)} in {path} but {tuple(tensor.shape)} "
