@@ -5,7 +5,8 @@ the gradients by ``sample_size``. Each router's ``aux_loss`` is already a batch 
 by --moe-balance-weight / --moe-z-loss-weight), so it is multiplied by ``sample_size`` before it
 is added: after fairseq's division every expert layer contributes exactly its weighted auxiliary
 loss, independent of the batch size. The logged ``loss`` stays the task loss (so perplexities are
-the model's); ``moe_aux`` is logged beside it.
+the model's); ``moe_aux`` is logged beside it. The logged statistics are layer averages per batch
+with a ``moe_batches`` count, so logging outputs can be summed across workers (fairseq's fast path).
 """
 
 import math
