@@ -122,8 +122,7 @@ class Router(nn.Module):
             std = F.softplus(inp @ self.w_noise.float()) + _NOISE_EPS
             logits = clean + torch.randn_like(clean) * std
         gk, ik, top_v = self._select(logits)
-        if torch.is_grad_enabled() or not self.training:
-            self._aux(clean, logits, gk, ik, std if noisy else None, aux_mask)
+        self._aux(clean, logits, gk, ik, std if noisy else None, aux_mask)
         return self._split(gk, ik, top_v)
 
     def default_gate(self, groups: int):
