@@ -47,7 +47,12 @@ def mix_linear(x: Tensor, idx: Tensor, w: Tensor, weight: Tensor, bias: Optional
     x: [M, in]; idx, w: [M, k]; weight: [N, out, in]; bias: [N, out] or None. Returns [M, out].
     """
 
+    # unbind once: indexing weight[e] per expert would make backward build a full-size zero
+    # gradient for every expert and add them up
+    ws = weight.unbind(0)
+    bs = bias.unbind(0) if bias is not None else [None] * len(ws)
+
     def run(e, xe, _):
-        return F.linear(xe, weight[e], bias[e] if bias is not None else None)
+        return F.linear(xe, ws[e], bs[e])
 
     return dispatch(x.to(weight.dtype), idx, w, run, weight.size(1))

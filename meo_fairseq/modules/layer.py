@@ -221,13 +221,16 @@ class MoEFFN(_ExpertBase):
         if s1 is not None:
             xg = xg * s1.unsqueeze(1).to(xg.dtype)
         side = s2.repeat_interleave(tg, 0) if s2 is not None else None
+        # unbind once (see dispatch.mix_linear)
+        w1, w2 = e1.weight.unbind(0), e2.weight.unbind(0)
+        b1 = e1.bias.unbind(0) if e1.bias is not None else [None] * len(w1)
+        b2 = e2.bias.unbind(0) if e2.bias is not None else [None] * len(w2)
 
         def ffn(e, xe, se):
-            h = F.linear(xe, e1.weight[e], e1.bias[e] if e1.bias is not None else None)
-            h = self.activation_dropout(self.activation_fn(h))
+            h = self.activation_dropout(self.activation_fn(F.linear(xe, w1[e], b1[e])))
             if se is not None:
                 h = h * se.to(h.dtype)
-            return F.linear(h, e2.weight[e], e2.bias[e] if e2.bias is not None else None)
+            return F.linear(h, w2[e], b2[e])
 
         y = dispatch(xg.reshape(g * tg, -1).to(e1.weight.dtype), _expand(idx, tg), _expand(w, tg), ffn, e2.out_features, side)
         return y.view(g, tg, -1)

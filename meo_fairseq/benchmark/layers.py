@@ -1,0 +1,326 @@
+"""Time and memory of one expert FFN (d -> ffn -> d), as ratios to the dense FFN of the same run.
+
+Variants (all :class:`meo_fairseq.modules.MoEFFN`, experts in every FFN linear, GELU):
+
+=============  =====================================================================================
+``dense``      ``MoEConfig(mode="dense")``: the plain FFN
+``moe-token``  vanilla top-k MoE, per-token routing (Switch/GShard; every token runs k experts)
+``moe-seq``    top-k MoE with one gate per sequence, compute-then-mix (k experts over every token)
+``meo``        MEO: one gate per sequence, merge the k experts, one matmul (``mode="meo"``)
+``meo-token``  token-level MEO: MEO plus the per-token bottleneck block (``level="token"``)
+=============  =====================================================================================
+
+Measures
+--------
+* ``fwd``: median wall time of an inference forward (``eval()``, ``no_grad``).
+* ``fwd+bwd``: median wall time of a training step's forward and backward (``train()``, input
+  requiring grad as inside a network, loss = <y, fixed random probe> + the routers' auxiliary
+  losses, parameter gradients reset to None before every step).
+  Variants are interleaved inside every repeat, so that a slow period of a shared machine hits
+  them all alike.
+* ``peak``: peak training memory, excluding parameter gradients. One forward+backward runs under
+  ``torch.profiler`` with ``profile_memory=True``; from its allocation events (address, bytes,
+  in order) the live bytes of the tensors allocated during the step are tracked, and the maximum
+  is taken, leaving out the allocations that end up as a parameter's ``.grad``. Parameter
+  gradients are left out because they are N times the dense ones by design (N experts), the
+  same as the parameters; what the measure compares is the working and activation memory that
+  a layer's implementation decides (for MEO: merged weights, saved tensors, backward buffers).
+  The allocator-level definition is the same on CPU and CUDA.
+* ``saved``: bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``, each
+  storage counted once, parameters left out): the activation memory of the layer.
+
+Every number is also given as a ratio to ``dense`` measured in the same run.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..modules import MoEConfig, MoEFFN, Router
+
+VARIANTS = ("dense", "moe-token", "moe-seq", "meo", "meo-token")
+SHAPES = ((16, 128), (4, 512))
+# The efficiency goals (method notes, section 5), checked at the default shapes.
+TARGETS = [
+    # (variant, metric, shape or None for every shape, bound)
+    ("meo", "fwd_bwd", (16, 128), 1.3),
+    ("meo", "fwd_bwd", (4, 512), 1.1),
+    ("meo", "fwd", (16, 128), 1.3),
+    ("moe-token", "fwd_bwd", None, 4.5),
+    ("meo", "peak", None, 1.3),
+]
+
+
+def variant_config(variant: str, experts: int, top_k: int) -> MoEConfig:
+    if variant == "dense":
+        return MoEConfig(mode="dense")
+    common = dict(experts=experts, top_k=top_k, expert_unit="linear")
+    if variant == "moe-token":
+        return MoEConfig(mode="moe", level="token", routing="token", **common)
+    if variant == "moe-seq":
+        return MoEConfig(mode="moe", level="sequence", routing="sequence", **common)
+    if variant == "meo":
+        return MoEConfig(mode="meo", level="sequence", routing="sequence", **common)
+    if variant == "meo-token":
+        return MoEConfig(mode="meo", level="token", routing="sequence", **common)
+    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+def build(variant: str, dim: int, ffn: int, experts: int, top_k: int, device, dtype, seed: int = 0) -> MoEFFN:
+    torch.manual_seed(seed)
+    m = MoEFFN(dim, ffn, variant_config(variant, experts, top_k), activation_fn=F.gelu)
+    with torch.no_grad():  # routers start at zero (upcycling); random routers route like trained ones
+        for r in m.modules():
+            if isinstance(r, Router):
+                r.w_gate.normal_(0.0, dim**-0.5 * 4)
+                r.w_noise.normal_(0.0, dim**-0.5)
+    return m.to(device=device, dtype=dtype)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _aux(m) -> torch.Tensor:
+    losses = [r.aux_loss for r in m.routers() if r.aux_loss is not None]
+    return sum(losses) if losses else 0.0
+
+
+def _train_step(m, x, probe):
+    for p in m.parameters():
+        p.grad = None
+    xi = x.detach().requires_grad_(True)
+    y = m(xi)
+    loss = (y.float() * probe).sum() + _aux(m)
+    loss.backward()
+
+
+@torch.no_grad()
+def _forward(m, x):
+    return m(x)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_variants(models: Dict[str, MoEFFN], x, repeats: int, warmup: int = 1, clock: str = "wall") -> Dict[str, Dict[str, float]]:
+    """Median seconds of forward (eval, no grad) and forward+backward (train), interleaved."""
+    device = x.device
+    now = CLOCKS[clock]
+    probe = torch.randn(x.shape[:-1] + (next(iter(models.values())).fc2.experts.out_features,), device=device)
+    times = {v: {"fwd": [], "fwd_bwd": []} for v in models}
+    for rep in range(warmup + repeats):
+        for v, m in models.items():
+            m.eval()
+            _sync(device)
+            t0 = now()
+            _forward(m, x)
+            _sync(device)
+            t1 = now()
+            m.train()
+            _train_step(m, x, probe)
+            _sync(device)
+            t2 = now()
+            if rep >= warmup:
+                times[v]["fwd"].append(t1 - t0)
+                times[v]["fwd_bwd"].append(t2 - t1)
+    return {v: {k: statistics.median(ts) for k, ts in d.items()} for v, d in times.items()}
+
+
+def peak_memory(m: MoEFFN, x, probe) -> int:
+    """Peak bytes allocated during one training step, parameter gradients left out (see above)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device(x.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    m.train()
+    _train_step(m, x, probe)  # warm up (lazy init, allocator caches)
+    for p in m.parameters():
+        p.grad = None
+    _sync(dev)
+    with profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
+        _train_step(m, x, probe)
+        _sync(dev)
+    grads = {p.grad.data_ptr() for p in m.parameters() if p.grad is not None}
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        with open(f.name) as fh:
+            trace = json.load(fh)
+    dev_type = 1 if dev.type == "cuda" else 0
+    events = []
+    for e in trace.get("traceEvents", []):
+        if e.get("name") != "[memory]":
+            continue
+        a = e.get("args", {})
+        if int(a.get("Device Type", 0)) != dev_type:
+            continue
+        events.append((float(e["ts"]), int(a.get("Ev Idx", 0)), int(a["Addr"]), int(a["Bytes"])))
+    events.sort()
+    # live allocations made in the window: addr -> (bytes, index of the allocation event)
+    live: Dict[int, tuple] = {}
+    for i, (_, _, addr, nbytes) in enumerate(events):
+        if nbytes > 0:
+            live[addr] = (nbytes, i)
+        elif addr in live:
+            del live[addr]
+    grad_allocs = {live[a][1] for a in grads if a in live}  # still alive at the end, became .grad
+    cur = peak = 0
+    sizes = {}
+    for i, (_, _, addr, nbytes) in enumerate(events):
+        if nbytes > 0:
+            if i in grad_allocs:
+                continue
+            sizes[addr] = nbytes
+            cur += nbytes
+        elif addr in sizes:
+            cur -= sizes.pop(addr)
+        peak = max(peak, cur)
+    return peak
+
+
+def saved_bytes(m: MoEFFN, x) -> int:
+    """Bytes saved for backward by one training forward (storages counted once, no parameters)."""
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), s.nbytes())
+        return t
+
+    m.train()
+    xi = x.detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(xi)
+    del y
+    return sum(seen.values())
+
+
+def run_shape(batch: int, tokens: int, dim: int, ffn: int, experts: int, top_k: int, repeats: int, device, dtype, variants=VARIANTS, memory: bool = True, clock: str = "wall") -> dict:
+    if "dense" not in variants:
+        variants = ("dense",) + tuple(variants)
+    models = {v: build(v, dim, ffn, experts, top_k, device, dtype) for v in variants}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, tokens, dim, generator=g).to(device=device, dtype=dtype)
+    probe = torch.randn(batch, tokens, dim, generator=g).to(device)
+    times = time_variants(models, x, repeats, clock=clock)
+    res = {v: {"fwd_ms": 1e3 * t["fwd"], "fwd_bwd_ms": 1e3 * t["fwd_bwd"]} for v, t in times.items()}
+    if memory:
+        for v, m in models.items():
+            res[v]["peak_mb"] = peak_memory(m, x, probe) / 2**20
+            res[v]["saved_mb"] = saved_bytes(m, x) / 2**20
+    d = res["dense"]
+    for v in res:
+        res[v]["ratio"] = {k.rsplit("_", 1)[0]: res[v][k] / d[k] for k in res[v] if k in d and d[k]}
+    return {"batch": batch, "tokens": tokens, "results": res}
+
+
+def check_targets(runs: List[dict]) -> List[dict]:
+    out = []
+    for variant, metric, shape, bound in TARGETS:
+        for r in runs:
+            if shape is not None and (r["batch"], r["tokens"]) != tuple(shape):
+                continue
+            res = r["results"].get(variant)
+            if res is None or metric not in res["ratio"]:
+                continue
+            val = res["ratio"][metric]
+            out.append({"variant": variant, "metric": metric, "shape": [r["batch"], r["tokens"]], "ratio": val, "bound": bound, "met": val <= bound})
+    return out
+
+
+def table(run: dict, meta: dict) -> str:
+    res = run["results"]
+    has_mem = "peak_mb" in res["dense"]
+    lines = [f"batch {run['batch']} x {run['tokens']} tokens, d={meta['dim']}, ffn={meta['ffn']}, "
+             f"{meta['experts']} experts, top-{meta['top_k']}, {meta['dtype']} on {meta['device']}, "
+             f"median of {meta['repeats']}, {meta['clock']} clock, {meta['threads']} torch threads"]
+    head = f"{'variant':10s} {'fwd ms':>9s} {'x dense':>7s} {'fwd+bwd ms':>11s} {'x dense':>7s}"
+    if has_mem:
+        head += f" {'peak MB':>9s} {'x dense':>7s} {'saved MB':>9s} {'x dense':>7s}"
+    lines += [head, "-" * len(head)]
+    for v, r in res.items():
+        q = r["ratio"]
+        s = f"{v:10s} {r['fwd_ms']:9.1f} {q['fwd']:7.2f} {r['fwd_bwd_ms']:11.1f} {q['fwd_bwd']:7.2f}"
+        if has_mem:
+            s += f" {r['peak_mb']:9.1f} {q['peak']:7.2f} {r['saved_mb']:9.1f} {q['saved']:7.2f}"
+        lines.append(s)
+    return "\n".join(lines)
+
+
+def _ints(s: str) -> List[int]:
+    return [int(v) for v in str(s).split(",") if v]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m meo_fairseq.benchmark layers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=_ints, default=[b for b, _ in SHAPES], help="comma list, paired with --tokens")
+    p.add_argument("--tokens", type=_ints, default=[t for _, t in SHAPES], help="comma list, paired with --batch")
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--ffn", type=int, default=3072)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time (default); cpu: this process's CPU time, which a busy shared machine "
+                   "does not inflate (use with --threads 1: with more threads it adds up all threads, spin-waits included)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    if len(a.batch) != len(a.tokens):
+        if len(a.batch) == 1:
+            a.batch = a.batch * len(a.tokens)
+        elif len(a.tokens) == 1:
+            a.tokens = a.tokens * len(a.batch)
+        else:
+            p.error("--batch and --tokens need the same number of values")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype_name = a.dtype or ("bfloat16" if torch.device(a.device).type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    variants = tuple(v for v in a.variants.split(",") if v)
+    for v in variants:
+        variant_config(v, a.experts, a.top_k)  # validate early
+    meta = dict(dim=a.dim, ffn=a.ffn, experts=a.experts, top_k=a.top_k, device=a.device, dtype=dtype_name,
+                repeats=a.repeats, threads=torch.get_num_threads(), clock=a.clock, torch=torch.__version__)
+    if hasattr(os, "getloadavg"):
+        meta["loadavg_start"] = list(os.getloadavg())
+    runs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for b, t in zip(a.batch, a.tokens):
+            run = run_shape(b, t, a.dim, a.ffn, a.experts, a.top_k, a.repeats, a.device, dtype, variants, memory=not a.no_memory, clock=a.clock)
+            runs.append(run)
+            if not a.json:
+                print(table(run, meta) + "\n", flush=True)
+    targets = check_targets(runs) if (a.dim, a.ffn, a.experts, a.top_k) == (768, 3072, 16, 4) else []
+    if hasattr(os, "getloadavg"):
+        meta["loadavg_end"] = list(os.getloadavg())
+    if a.json:
+        print(json.dumps({**meta, "runs": runs, "targets": targets}, indent=1))
+    else:
+        if "loadavg_start" in meta:
+            print(f"load average (1 min) of the machine: {meta['loadavg_start'][0]:.2f} at the start, "
+                  f"{meta['loadavg_end'][0]:.2f} at the end ({os.cpu_count()} CPUs)")
+    if targets and not a.json:
+        print("targets (ratio to dense, same run):")
+        for t in targets:
+            print(f"  {t['variant']:9s} {t['metric']:7s} at {t['shape'][0]}x{t['shape'][1]}: {t['ratio']:.2f}x "
+                  f"(goal <= {t['bound']}x) {'met' if t['met'] else 'NOT met'}")
+    return 0
