@@ -7,7 +7,7 @@ evaluates them, and prints one table (parameters, active parameters per token, v
 test perplexity, training words/s, generation sentences/s). Writes plots of the validation curves
 and of the routing mass per expert and layer to --out.
 
-    python scripts/demo.py [--out runs/demo] [--updates 300]
+    python scripts/demo.py [--out runs/demo] [--updates 600]
 """
 
 import argparse
@@ -140,10 +140,10 @@ def evaluate(info, data, args):
 def plots(results, out):
     import logging
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib
 
     matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -181,7 +181,7 @@ def plots(results, out):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
-    p.add_argument("--updates", type=int, default=300)
+    p.add_argument("--updates", type=int, default=600)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=2000)

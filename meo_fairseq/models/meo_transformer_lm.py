@@ -5,6 +5,7 @@ Architectures: ``meo_transformer_lm_tiny`` (2 layers, 64-dim, for tests), ``meo_
 ``meo_transformer_lm_gpt2_medium`` (fairseq's GPT-2 sizes).
 """
 
+import logging
 from dataclasses import dataclass
 
 from fairseq.models import register_model, register_model_architecture
@@ -20,6 +21,8 @@ from fairseq.utils import safe_getattr
 from .common import MoETransformerDecoder
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
 from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class MEOTransformerLanguageModel(TransformerLanguageModel):
             args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
         if safe_getattr(args, "max_target_positions", None) is None:
             args.max_target_positions = safe_getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
+        _warn_if_never_routed(moe_cfgs, safe_getattr(args, "tokens_per_sample", None))
         embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
         decoder = MoETransformerDecoder(args, task.target_dictionary, embed_tokens, moe_cfgs, no_encoder_attn=True)
         model = cls(decoder)
@@ -53,6 +57,20 @@ class MEOTransformerLanguageModel(TransformerLanguageModel):
         if path and not loading_trained_checkpoint():
             upcycle_from_checkpoint(model, path)
         return model
+
+
+def _warn_if_never_routed(moe_cfgs, tokens_per_sample):
+    """Segment/prefix routing with samples no longer than one segment/prefix routes nothing."""
+    cfg = next((c for c in moe_cfgs if c.mode != "dense"), None)
+    if cfg is None or not tokens_per_sample:
+        return
+    length = {"segment": cfg.segment_length, "prefix": cfg.prefix_length}.get(cfg.routing)
+    if length is not None and tokens_per_sample <= length:
+        logger.warning(
+            "--moe-decoder-routing %s with --moe-%s-length %d >= --tokens-per-sample %d: every position "
+            "uses the learned default gate and the routers never route",
+            cfg.routing, cfg.routing, length, tokens_per_sample,
+        )
 
 
 @register_model_architecture("meo_transformer_lm", "meo_transformer_lm_tiny")

@@ -1,0 +1,50 @@
+"""Model building: upcycling details and warnings (python API, no CLI)."""
+
+import logging
+
+import torch
+from fairseq import checkpoint_utils
+
+from meo_fairseq.models.upcycle import upcycle_from_checkpoint
+from test_models_incremental import build
+
+
+def _save(model, path, extra_row=False):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if extra_row:  # as bart.* checkpoints: one more embedding row (<mask>) than the dictionary
+        for k in list(state):
+            if k.endswith("embed_tokens.weight") or k.endswith("output_projection.weight"):
+                state[k] = torch.cat([state[k], torch.randn(1, state[k].size(1))])
+    checkpoint_utils.torch_persistent_save(
+        {"model": state, "args": None, "cfg": None, "optimizer_history": [{"criterion_name": "x", "optimizer_name": "x", "lr_scheduler_state": {}, "num_updates": 0}], "extra_state": {}, "last_optimizer_state": None},
+        str(path),
+    )
+
+
+def _outputs(model, d):
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, len(d), (2, 6), generator=g)
+    tgt = torch.randint(4, len(d), (2, 5), generator=g)
+    with torch.no_grad():
+        return model(src, src.ne(d.pad()).sum(1), tgt)[0]
+
+
+def test_upcycle_drops_bart_mask_row_and_keeps_the_function(tmp_path):
+    dense, d = build("meo_transformer_tiny", "translation", ["--moe-mode", "dense", "--share-all-embeddings"])
+    _save(dense, tmp_path / "dense.pt", extra_row=True)
+    moe, _ = build("meo_transformer_tiny", "translation", ["--moe-experts", "4", "--moe-top-k", "2", "--share-all-embeddings"])
+    before = _outputs(moe, d)
+    upcycle_from_checkpoint(moe, str(tmp_path / "dense.pt"))
+    after = _outputs(moe, d)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, _outputs(dense, d), rtol=1e-5, atol=1e-5)
+
+
+def test_warning_when_segments_are_longer_than_samples(caplog):
+    with caplog.at_level(logging.WARNING):
+        build("meo_transformer_lm_tiny", "language_modeling", ["--moe-segment-length", "64", "--tokens-per-sample", "32"])
+    assert "never route" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build("meo_transformer_lm_tiny", "language_modeling", ["--moe-segment-length", "16", "--tokens-per-sample", "32"])
+    assert "never route" not in caplog.text
