@@ -93,3 +93,18 @@ def test_dispatch_empty_batch():
     x = torch.zeros(0, 4)
     y = dispatch(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), lambda e, xe, se: xe[:, :3], 3)
     assert y.shape == (0, 3)
+
+
+def test_mix_linear_function_gradcheck_float64():
+    """The custom backward of MixLinearFunction (x, gates, weight, bias), with an unused expert."""
+    from meo_fairseq.modules.dispatch import MixLinearFunction
+
+    g = torch.Generator().manual_seed(5)
+    m, k, n, din, dout = 7, 2, 4, 3, 5
+    x = torch.randn(m, din, dtype=torch.float64, generator=g, requires_grad=True)
+    idx = torch.stack([torch.randperm(n - 1, generator=g)[:k] for _ in range(m)])  # expert n-1 unused
+    w = torch.rand(m, k, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(n, dout, din, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(n, dout, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: MixLinearFunction.apply(*a, idx), (x, w, weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: MixLinearFunction.apply(*a, None, idx), (x, w, weight))

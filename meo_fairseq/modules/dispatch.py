@@ -1,7 +1,7 @@
 """Vanilla MoE compute-then-mix: run each selected expert on its tokens, mix by the gates.
 
-Token/expert pairs are sorted by expert so that each expert runs one matmul over a contiguous
-block of its tokens (a loop over experts, never over tokens).
+Token/expert pairs are sorted by expert so that each expert runs one matmul over its tokens
+(a loop over experts, never over tokens).
 """
 
 from typing import Callable, Optional
@@ -32,13 +32,88 @@ def dispatch(
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=1).tolist()
-    token = torch.div(order, k, rounding_mode="floor")
-    xs = x.index_select(0, token)  # [M*k, in], grouped by expert
-    ss = side.index_select(0, token).split(counts) if side is not None else [None] * len(counts)
-    outs = [expert_fn(e, xe, se) for e, (xe, se) in enumerate(zip(xs.split(counts), ss)) if xe.size(0)]
-    ys = torch.cat(outs, 0) if outs else xs.new_zeros(0, out_dim)
-    ys = ys * w.reshape(-1).index_select(0, order).to(ys.dtype).unsqueeze(1)
-    return ys.new_zeros(m, out_dim).index_add_(0, token, ys)
+    token = torch.div(order, k, rounding_mode="floor")  # token of each pair, grouped by expert
+    gate = w.reshape(-1).index_select(0, order)
+    # Each expert gathers its tokens, runs, scales by its gates and adds into the output in
+    # place: no [M*k, out] concatenation or product, which cost more than the matmuls on a CPU.
+    out = None
+    start = 0
+    for e, c in enumerate(counts):
+        if not c:
+            continue
+        tok = token[start : start + c]
+        se = side.index_select(0, tok) if side is not None else None
+        ye = expert_fn(e, x.index_select(0, tok), se)
+        ye = ye * gate[start : start + c].to(ye.dtype).unsqueeze(1)
+        if out is None:
+            out = ye.new_zeros(m, out_dim)
+        out.index_add_(0, tok, ye)
+        start += c
+    return out if out is not None else x.new_zeros(m, out_dim)
+
+
+def _plan(idx: Tensor, n: int):
+    """Token/expert pairs grouped by expert: (order of the pairs, token of each, per-expert counts)."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n).tolist()
+    return order, torch.div(order, idx.size(1), rounding_mode="floor"), counts
+
+
+class MixLinearFunction(torch.autograd.Function):
+    """Compute-then-mix over linear experts with gradients written straight into [N, out, in]
+    (autograd over per-expert slices would zero-fill and concatenate a full gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, w, weight, bias, idx):
+        order, token, counts = _plan(idx, weight.size(0))
+        gate = w.reshape(-1).index_select(0, order).to(x.dtype)
+        out = x.new_zeros(x.size(0), weight.size(1))
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                tok = token[start : start + c]
+                ye = F.linear(x.index_select(0, tok), weight[e], bias[e] if bias is not None else None)
+                out.index_add_(0, tok, ye.mul_(gate[start : start + c].unsqueeze(1)))
+            start += c
+        ctx.save_for_backward(x, w, weight, bias, order, token)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, weight, bias, order, token = ctx.saved_tensors
+        need_x, need_w, need_weight, need_bias = ctx.needs_input_grad[:4]
+        gate = w.reshape(-1).index_select(0, order).to(x.dtype)
+        gx = torch.zeros_like(x) if need_x else None
+        gweight = torch.zeros_like(weight) if need_weight else None
+        gbias = torch.zeros_like(bias) if (need_bias and bias is not None) else None
+        ggate = x.new_zeros(order.numel()) if need_w else None
+        start = 0
+        for e, c in enumerate(ctx.counts):
+            if not c:
+                continue
+            sl = slice(start, start + c)
+            tok = token[sl]
+            go = grad_out.index_select(0, tok)  # [c, out]: dL/d(gated expert output)
+            xe = x.index_select(0, tok)
+            g_in = go @ weight[e] if (need_x or need_w) else None  # [c, in]
+            if need_w:  # dL/dgate = <go, x W^T + b> = <go W, x> + <go, b>, without recomputing
+                ggate[sl] = (g_in * xe).sum(1)
+                if bias is not None:
+                    ggate[sl] += go @ bias[e]
+            if need_x:
+                gx.index_add_(0, tok, g_in.mul_(gate[sl].unsqueeze(1)))
+            dy = go.mul_(gate[sl].unsqueeze(1))  # dL/d(expert output)
+            if need_weight:
+                torch.mm(dy.t(), xe, out=gweight[e])
+            if gbias is not None:
+                gbias[e] = dy.sum(0)
+            start += c
+        gw = None
+        if need_w:
+            gw = torch.empty_like(ggate).index_copy_(0, order, ggate).view_as(w).to(w.dtype)
+        return gx, gw, gweight, gbias, None
 
 
 def mix_linear(x: Tensor, idx: Tensor, w: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -46,13 +121,4 @@ def mix_linear(x: Tensor, idx: Tensor, w: Tensor, weight: Tensor, bias: Optional
 
     x: [M, in]; idx, w: [M, k]; weight: [N, out, in]; bias: [N, out] or None. Returns [M, out].
     """
-
-    # unbind once: indexing weight[e] per expert would make backward build a full-size zero
-    # gradient for every expert and add them up
-    ws = weight.unbind(0)
-    bs = bias.unbind(0) if bias is not None else [None] * len(ws)
-
-    def run(e, xe, _):
-        return F.linear(xe, ws[e], bs[e])
-
-    return dispatch(x.to(weight.dtype), idx, w, run, weight.size(1))
+    return MixLinearFunction.apply(x.to(weight.dtype), w, weight, bias, idx)
