@@ -26,3 +26,11 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def report(scores, out_path=None) -> int:
+    """Print the scores as JSON, write them to ``out_path`` if given; the CLI's exit code (0)."""
+    print(json.dumps(scores, indent=2, sort_keys=True))
+    if out_path:
+        write_json(out_path, scores)
+    return 0

@@ -13,11 +13,10 @@ Command line::
 """
 
 import argparse
-import json
 import sys
 from typing import Dict, Sequence
 
-from ._io import read_lines, write_json
+from ._io import read_lines, report
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -58,10 +57,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {args.hyp} vs {args.ref}: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(scores, indent=2, sort_keys=True))
-    if args.out:
-        write_json(args.out, scores)
-    return 0
+    return report(scores, args.out)
 
 
 if __name__ == "__main__":

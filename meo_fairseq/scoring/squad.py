@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from typing import Callable, Dict, List, Mapping, Sequence
 
-from ._io import read_lines, write_json
+from ._io import read_lines, report
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -147,10 +147,7 @@ def main(argv=None) -> int:
         return 2
     if scores["num_unanswered"]:
         print(f"warning: {scores['num_unanswered']} questions have no prediction and score 0", file=sys.stderr)
-    print(json.dumps(scores, indent=2, sort_keys=True))
-    if args.out:
-        write_json(args.out, scores)
-    return 0
+    return report(scores, args.out)
 
 
 if __name__ == "__main__":
