@@ -27,10 +27,6 @@ class MEOTransformerModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        base_architecture(args)
-        # validate every --moe-* option before building anything
-        layer_configs(args, "encoder", args.encoder_layers)
-        layer_configs(args, "decoder", args.decoder_layers)
         model = super().build_model(args, task)
         path = safe_getattr(args, "moe_upcycle_from", None)
         if path and not loading_trained_checkpoint():

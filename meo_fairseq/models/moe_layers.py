@@ -106,8 +106,10 @@ class MoETransformerDecoderLayer(_MoELayerMixin, TransformerDecoderLayerBase):
             pad = pad[:, -x.size(0):]
         context = None
         if self.moe_cfg.mode != "dense" and self.moe_cfg.routing == "encoder":
-            if encoder_out is None:
+            cached = incremental_state is not None and self.fc1.get_incremental_state(incremental_state, "moe") is not None
+            if encoder_out is None and not cached:
                 raise ValueError("--moe-decoder-routing encoder needs an encoder output")
-            context = masked_mean(encoder_out.transpose(0, 1), encoder_padding_mask)
+            if not cached:  # after the first decoding step the gates (and merges) are cached
+                context = masked_mean(encoder_out.transpose(0, 1), encoder_padding_mask)
         self.fc1.set_routing_inputs(pad, context, incremental_state)
         return super().forward(x, encoder_out, encoder_padding_mask, incremental_state, *args, **kwargs)

@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _plan(idx: Tensor, n: int):
+    """Token/expert pairs grouped by expert: (order of the pairs, token of each, per-expert counts)."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n).tolist()
+    return order, torch.div(order, idx.size(1), rounding_mode="floor"), counts
+
+
 def dispatch(
     x: Tensor,
     idx: Tensor,
@@ -28,11 +36,8 @@ def dispatch(
     Returns:
         [M, out_dim]
     """
-    m, k = idx.shape
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=1).tolist()
-    token = torch.div(order, k, rounding_mode="floor")  # token of each pair, grouped by expert
+    m = idx.size(0)
+    order, token, counts = _plan(idx, 1)  # token of each pair, grouped by expert
     gate = w.reshape(-1).index_select(0, order)
     # Each expert gathers its tokens, runs, scales by its gates and adds into the output in
     # place: no [M*k, out] concatenation or product, which cost more than the matmuls on a CPU.
@@ -50,14 +55,6 @@ def dispatch(
         out.index_add_(0, tok, ye)
         start += c
     return out if out is not None else x.new_zeros(m, out_dim)
-
-
-def _plan(idx: Tensor, n: int):
-    """Token/expert pairs grouped by expert: (order of the pairs, token of each, per-expert counts)."""
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n).tolist()
-    return order, torch.div(order, idx.size(1), rounding_mode="floor"), counts
 
 
 class MixLinearFunction(torch.autograd.Function):

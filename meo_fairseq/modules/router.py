@@ -108,7 +108,7 @@ class Router(nn.Module):
         gates = gk.new_zeros(gk.size(0), n).scatter(1, idx, w)
         return gates, idx, w, ce
 
-    def route(self, inp: Tensor, aux_mask: Optional[Tensor] = None):
+    def route(self, inp: Tensor, aux_mask: Optional[Tensor] = None, aux: bool = True):
         """Gate router inputs inp [G, d] (any dtype; computed in fp32).
 
         Returns (gates [G, N], idx [G, kf], w [G, kf], ce [G, N] or None). Sets the auxiliary
@@ -122,7 +122,8 @@ class Router(nn.Module):
             std = F.softplus(inp @ self.w_noise.float()) + _NOISE_EPS
             logits = clean + torch.randn_like(clean) * std
         gk, ik, top_v = self._select(logits)
-        self._aux(clean, logits, gk, ik, std if noisy else None, aux_mask)
+        if aux:
+            self._aux(clean, logits, gk, ik, std if noisy else None, aux_mask)
         return self._split(gk, ik, top_v)
 
     def default_gate(self, groups: int):
@@ -172,7 +173,8 @@ class Router(nn.Module):
         holds the new positions only)."""
         self.aux_loss, self.stats = None, {}
         r = self.cfg.routing
-        if r == "encoder" and context is None:
+        # incremental decoding needs the context only until the gates are cached
+        if r == "encoder" and context is None and (state is None or "gates" not in state):
             raise ValueError("--moe-decoder-routing encoder needs the encoder output as context")
         if state is not None:
             return self._incremental(x, pad_mask, context, state)
@@ -192,12 +194,12 @@ class Router(nn.Module):
                 return self._pack(self.default_gate(bsz), bsz, 1, [0, t])
             head_mask = pad_mask[:, :p] if pad_mask is not None else None
             mean = masked_mean(x[:, :p], head_mask)
-            valid = torch.ones(bsz, dtype=torch.bool, device=x.device)
-            if pad_mask is not None:
+            if pad_mask is None:
+                routed = self.route(mean)
+            else:  # no real token in the prefix: default gate; aux over routed, non-empty tails
                 valid = (~head_mask).any(1)
-                valid_tail = (~pad_mask[:, p:]).any(1)
-            routed = self.route(mean, valid & valid_tail if pad_mask is not None else None)
-            routed = _where(valid, routed, self.default_gate(bsz))
+                routed = self.route(mean, valid & (~pad_mask[:, p:]).any(1))
+                routed = _where(valid, routed, self.default_gate(bsz))
             return self._pack(_stack([self.default_gate(bsz), routed]), bsz, 2, [0, p, t])
         # segment
         seg = self.cfg.segment_length
@@ -259,13 +261,13 @@ class Router(nn.Module):
         def routed_or_default():
             cnt = state["count"].squeeze(-1)
             valid = cnt > 0
-            routed = self.route(state["sum"] / cnt.clamp(min=1.0).unsqueeze(-1))
+            routed = self.route(state["sum"] / cnt.clamp(min=1.0).unsqueeze(-1), aux=False)
             return _where(valid, routed, self.default_gate(bsz))
 
         while p < end:
             if r == "encoder":
                 if "gates" not in state:
-                    set_gates(self.route(context))
+                    set_gates(self.route(context, aux=False))
                 q = end
             elif r == "segment":
                 seg = cfg.segment_length
@@ -282,7 +284,7 @@ class Router(nn.Module):
                     q = min(end, pl)
                     accumulate(p, q)
                 else:
-                    if p == pl or state.get("routed") is None:
+                    if not state.get("routed"):
                         set_gates(routed_or_default())
                         state["routed"] = True
                     q = end
