@@ -184,6 +184,31 @@ run_train() {
 # ---------------------------------------------------------------------------------------------
 
 # check_checkpoint PATH: the --checkpoint file must exist
+# parse_eval_args "$@": the options of the eval scripts. --data, --checkpoint (--path), --out,
+# --subset (--gen-subset) and -h are common; EVAL_OPTS maps each script's own value options to
+# the variables they set (e.g. EVAL_OPTS=([--beam]=BEAM)). Anything else goes to EXTRA.
+parse_eval_args() {
+  DATA="" CKPT="" OUT="" EXTRA=()
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      -h|--help) usage; exit 0 ;;
+      --data) need_value "$1" "$#" "${2-}"; DATA="$2"; shift 2 ;;
+      --checkpoint|--path) need_value "$1" "$#" "${2-}"; CKPT="$2"; shift 2 ;;
+      --out) need_value "$1" "$#" "${2-}"; OUT="$2"; shift 2 ;;
+      --subset|--gen-subset) need_value "$1" "$#" "${2-}"; SUBSET="$2"; shift 2 ;;
+      *)
+        if [[ -n "${EVAL_OPTS[$1]+x}" ]]; then
+          need_value "$1" "$#" "${2-}"; printf -v "${EVAL_OPTS[$1]}" '%s' "$2"; shift 2
+        else
+          EXTRA+=("$1"); shift
+        fi ;;
+    esac
+  done
+  [[ -n "$DATA" ]] || { usage >&2; die "--data DIR is required"; }
+  [[ -n "$CKPT" ]] || { usage >&2; die "--checkpoint PATH is required"; }
+  [[ -n "$OUT" ]] || { usage >&2; die "--out DIR is required"; }
+}
+
 check_checkpoint() {
   [[ -n "$1" ]] || die "--checkpoint PATH is required (see --help)"
   [[ -f "$1" ]] || die "--checkpoint $1: no such file"

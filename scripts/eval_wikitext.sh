@@ -26,24 +26,9 @@ Environment: PYTHON (default: .venv/bin/python of this checkout).
 EOF2
 }
 
-DATA="" CKPT="" OUT="" SUBSET=test TPS="" CONTEXT=0 BATCH=2
-EXTRA=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --data) need_value "$1" "$#" "${2-}"; DATA="$2"; shift 2 ;;
-    --checkpoint|--path) need_value "$1" "$#" "${2-}"; CKPT="$2"; shift 2 ;;
-    --out) need_value "$1" "$#" "${2-}"; OUT="$2"; shift 2 ;;
-    --subset|--gen-subset) need_value "$1" "$#" "${2-}"; SUBSET="$2"; shift 2 ;;
-    --tokens-per-sample) need_value "$1" "$#" "${2-}"; TPS="$2"; shift 2 ;;
-    --context-window) need_value "$1" "$#" "${2-}"; CONTEXT="$2"; shift 2 ;;
-    --batch-size) need_value "$1" "$#" "${2-}"; BATCH="$2"; shift 2 ;;
-    *) EXTRA+=("$1"); shift ;;
-  esac
-done
-[[ -n "$DATA" ]] || { usage >&2; die "--data DIR is required"; }
-[[ -n "$CKPT" ]] || { usage >&2; die "--checkpoint PATH is required"; }
-[[ -n "$OUT" ]] || { usage >&2; die "--out DIR is required"; }
+SUBSET=test TPS="" CONTEXT=0 BATCH=2
+declare -A EVAL_OPTS=([--tokens-per-sample]=TPS [--context-window]=CONTEXT [--batch-size]=BATCH)
+parse_eval_args "$@"
 [[ -z "$TPS" ]] || check_int --tokens-per-sample "$TPS" 1
 check_int --context-window "$CONTEXT" 0
 check_int --batch-size "$BATCH" 1

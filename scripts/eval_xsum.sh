@@ -29,28 +29,9 @@ Environment: PYTHON (default: .venv/bin/python of this checkout).
 EOF2
 }
 
-DATA="" CKPT="" OUT="" SUBSET=test BEAM=6 LENPEN=1.0 MAX_LEN_B=60 MIN_LEN=10 NO_REPEAT=3 BATCH=32 BPE=spm
-EXTRA=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --data) need_value "$1" "$#" "${2-}"; DATA="$2"; shift 2 ;;
-    --checkpoint|--path) need_value "$1" "$#" "${2-}"; CKPT="$2"; shift 2 ;;
-    --out) need_value "$1" "$#" "${2-}"; OUT="$2"; shift 2 ;;
-    --subset|--gen-subset) need_value "$1" "$#" "${2-}"; SUBSET="$2"; shift 2 ;;
-    --beam) need_value "$1" "$#" "${2-}"; BEAM="$2"; shift 2 ;;
-    --lenpen) need_value "$1" "$#" "${2-}"; LENPEN="$2"; shift 2 ;;
-    --max-len-b) need_value "$1" "$#" "${2-}"; MAX_LEN_B="$2"; shift 2 ;;
-    --min-len) need_value "$1" "$#" "${2-}"; MIN_LEN="$2"; shift 2 ;;
-    --no-repeat-ngram-size) need_value "$1" "$#" "${2-}"; NO_REPEAT="$2"; shift 2 ;;
-    --batch-size) need_value "$1" "$#" "${2-}"; BATCH="$2"; shift 2 ;;
-    --bpe) need_value "$1" "$#" "${2-}"; BPE="$2"; shift 2 ;;
-    *) EXTRA+=("$1"); shift ;;
-  esac
-done
-[[ -n "$DATA" ]] || { usage >&2; die "--data DIR is required"; }
-[[ -n "$CKPT" ]] || { usage >&2; die "--checkpoint PATH is required"; }
-[[ -n "$OUT" ]] || { usage >&2; die "--out DIR is required"; }
+SUBSET=test BEAM=6 LENPEN=1.0 MAX_LEN_B=60 MIN_LEN=10 NO_REPEAT=3 BATCH=32 BPE=spm
+declare -A EVAL_OPTS=([--beam]=BEAM [--lenpen]=LENPEN [--max-len-b]=MAX_LEN_B [--min-len]=MIN_LEN [--no-repeat-ngram-size]=NO_REPEAT [--batch-size]=BATCH [--bpe]=BPE)
+parse_eval_args "$@"
 check_int --beam "$BEAM" 1
 check_int --max-len-b "$MAX_LEN_B" 1
 check_int --min-len "$MIN_LEN" 0
