@@ -22,6 +22,18 @@ _sha256() {
 # make_stamp "key value" ... -- FILE ...: sets STAMP (first line "sha256 HASH", then the details).
 # The hash covers the options that change the output, the input files' contents (not their paths,
 # so the same data elsewhere gives the same stamp), this code and the sentencepiece version.
+# resolve_raw DATASET WHAT: RAW is --raw, or (without it) where DATASET was downloaded into
+# --download-dir (default OUT.download); checked and made absolute.
+resolve_raw() {
+  if [[ -z "$RAW" ]]; then
+    local dl="${DOWNLOAD_DIR:-$OUT.download}"
+    log "no --raw: downloading $2 to $dl"
+    RAW="$(prep download "$1" --dest "$dl")" || die "download failed"
+  fi
+  [[ -d "$RAW" ]] || die "--raw $RAW is not a directory"
+  RAW="$(abs_path "$RAW")"
+}
+
 make_stamp() {
   local details="" f
   details+="script $PROG"$'\n'

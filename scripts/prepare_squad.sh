@@ -72,13 +72,7 @@ check_int --workers "$WORKERS" 1
 check_int --max-source-tokens "$MAX_SOURCE_TOKENS" 16
 OUT="$(abs_path "$OUT")"
 
-if [[ -z "$RAW" ]]; then
-  RAW="${DOWNLOAD_DIR:-$OUT.download}"
-  log "no --raw: downloading SQuAD v1.1 to $RAW"
-  prep download squad --dest "$RAW" >/dev/null || die "download failed"
-fi
-[[ -d "$RAW" ]] || die "--raw $RAW is not a directory"
-RAW="$(abs_path "$RAW")"
+resolve_raw squad "SQuAD v1.1"
 
 mapfile -t INPUTS < <(prep input-files squad --raw "$RAW") && [[ ${#INPUTS[@]} -eq 2 ]] \
   || die "input files missing (see the message above)"

@@ -64,14 +64,8 @@ done
 check_int --workers "$WORKERS" 1
 OUT="$(abs_path "$OUT")"
 
-if [[ -z "$RAW" ]]; then
-  FORMAT="${FORMAT:-tokens}"
-  dl="${DOWNLOAD_DIR:-$OUT.download}"
-  log "no --raw: downloading WikiText-103 ($FORMAT) to $dl"
-  RAW="$(prep download "wikitext-$FORMAT" --dest "$dl")" || die "download failed"
-fi
-[[ -d "$RAW" ]] || die "--raw $RAW is not a directory"
-RAW="$(abs_path "$RAW")"
+[[ -n "$RAW" ]] || FORMAT="${FORMAT:-tokens}"
+resolve_raw "wikitext-${FORMAT:-tokens}" "WikiText-103 (${FORMAT:-tokens})"
 if [[ -z "$FORMAT" ]]; then
   FORMAT="$(prep input-files wikitext --raw "$RAW")" || die "cannot tell the format of $RAW (see above)"
   log "format: $FORMAT (from the file names in $RAW)"

@@ -56,13 +56,7 @@ check_int --vocab-size "$VOCAB_SIZE" 8
 check_int --workers "$WORKERS" 1
 OUT="$(abs_path "$OUT")"
 
-if [[ -z "$RAW" ]]; then
-  RAW="${DOWNLOAD_DIR:-$OUT.download}"
-  log "no --raw: downloading the EdinburghNLP/xsum parquet files to $RAW"
-  prep download xsum --dest "$RAW" >/dev/null || die "download failed"
-fi
-[[ -d "$RAW" ]] || die "--raw $RAW is not a directory"
-RAW="$(abs_path "$RAW")"
+resolve_raw xsum "the EdinburghNLP/xsum parquet files"
 
 mapfile -t INPUTS < <(prep input-files xsum --raw "$RAW") && [[ ${#INPUTS[@]} -eq 3 ]] \
   || die "input files missing (see the message above)"
