@@ -210,9 +210,15 @@ def test_run_shape_ratios_and_targets():
     assert set(res) == {"dense", "meo"}
     assert res["dense"]["ratio"] == {"fwd": 1.0, "fwd_bwd": 1.0, "peak": 1.0, "saved": 1.0}
     assert set(res["meo"]["ratio"]) == {"fwd", "fwd_bwd", "peak", "saved"}
-    fake = [{"batch": 16, "tokens": 128, "results": {"meo": {"ratio": {"fwd_bwd": 1.2, "fwd": 1.5, "peak": 1.0}}}}]
-    got = {(t["metric"], tuple(t["shape"])): t["met"] for t in LY.check_targets(fake)}
-    assert got == {("fwd_bwd", (16, 128)): True, ("fwd", (16, 128)): False, ("peak", (16, 128)): True}
+    f = res["meo"]["floor"]
+    assert f["experts_mb"] == 2 * 4 * 16 * 32 * 4 / 2**20  # both linears' [4, 32, 16] fp32 experts
+    d = res["dense"]
+    assert f["fwd"] == pytest.approx(1 + f["read_ms"] / d["fwd_ms"])
+    assert f["fwd_bwd"] == pytest.approx(1 + (2 * f["read_ms"] + f["write_ms"]) / d["fwd_bwd_ms"])
+    assert "MEO memory-traffic floor" in LY.table(r, dict(dim=16, ffn=32, experts=4, top_k=2, device="cpu", dtype="float32", repeats=1, clock="wall", threads=1))
+    fake = [{"batch": 16, "tokens": 128, "results": {"meo": {"ratio": {"fwd_bwd": 1.2, "fwd": 1.5, "peak": 1.0}, "floor": {"fwd": 1.1}}}}]
+    got = {(t["metric"], tuple(t["shape"])): (t["met"], t.get("floor")) for t in LY.check_targets(fake)}
+    assert got == {("fwd_bwd", (16, 128)): (True, None), ("fwd", (16, 128)): (False, 1.1), ("peak", (16, 128)): (True, None)}
 
 
 # ---- model: log parsing and commands -----------------------------------------------------------
@@ -236,14 +242,46 @@ def test_parse_fairseq_logs():
 def test_model_commands(tmp_path):
     import argparse
 
-    a = argparse.Namespace(experts=8, top_k=2, updates=20, log_interval=5, max_tokens=1024, cpu=True, gen_subset="test", gen_batch_size=8)
+    a = argparse.Namespace(experts=8, top_k=2, updates=20, log_interval=5, max_tokens=1024, cpu=True, gen_subset="test", gen_len=50)
     for task in ("xsum", "lm"):
         for mode in MD.MODES:
             cmd = [str(c) for c in MD.train_cmd(task, tmp_path, "some_arch", mode, a, tmp_path / "ck")]
             assert cmd[cmd.index("--moe-mode") + 1] == mode
             assert "--cpu" in cmd and cmd[cmd.index("--max-update") + 1] == "20"
-    cmd = [str(c) for c in MD.generate_cmd(tmp_path, tmp_path / "c.pt", a)]
-    assert cmd[cmd.index("--beam") + 1] == "6" and cmd[cmd.index("--gen-subset") + 1] == "test"
+    cmd = [str(c) for c in MD.generate_cmd(tmp_path, tmp_path / "c.pt", a, *MD.gen_setting("32x6"))]
+    assert cmd[cmd.index("--beam") + 1] == "6" and cmd[cmd.index("--batch-size") + 1] == "32"
+    assert cmd[cmd.index("--gen-subset") + 1] == "test"
+    assert cmd[cmd.index("--min-len") + 1] == cmd[cmd.index("--max-len-b") + 1] == "50"  # fixed length
+    assert MD.gen_setting(" 1 x 1") == (1, 1)
+    for bad in ("32", "0x6", "ax1"):
+        with pytest.raises(ValueError, match="--gen"):
+            MD.gen_setting(bad)
+
+
+def _row(task, mode, wps, gen):
+    return {"task": task, "arch": "a", "mode": mode, "wps": wps,
+            "gen": {k: {"sentences_per_s": v, "tokens_per_s": 10 * v} for k, v in gen.items()}}
+
+
+def test_model_targets_and_table():
+    rows = [_row("xsum", "dense", 1000, {"1x1": 10.0, "32x6": 4.0}),
+            _row("xsum", "moe", 500, {"1x1": 8.0, "32x6": 2.5}),
+            _row("xsum", "meo", 900, {"1x1": 8.9, "32x6": 2.0}),
+            _row("lm", "dense", 2000, {}), _row("lm", "meo", 1600, {})]
+    for r in rows:  # as run() does
+        d = next(x for x in rows if x["task"] == r["task"] and x["mode"] == "dense")
+        r["ratio"] = {"wps": r["wps"] / d["wps"]}
+        for k, g in r["gen"].items():
+            g["ratio"] = {q: g[q] / d["gen"][k][q] for q in ("sentences_per_s", "tokens_per_s")}
+    got = {(t["task"], t["figure"]): (round(t["ratio"], 3), t["met"]) for t in MD.check_targets(rows)}
+    assert got == {
+        ("xsum", "train wps MEO/dense"): (0.9, True),
+        ("xsum", "generate 1x1 sentences/s MEO/dense"): (0.89, False),
+        ("xsum", "generate 32x6 sentences/s MEO/dense"): (0.5, False),  # >= 0.5x but behind MoE (2.5)
+        ("lm", "train wps MEO/dense"): (0.8, False),
+    }
+    text = MD.table({"experts": 8, "top_k": 2, "updates": 4, "rows": rows, "targets": MD.check_targets(rows)})
+    assert "gen 32x6 sent/s" in text and "NOT met" in text
 
 
 def test_main_usage(capsys):

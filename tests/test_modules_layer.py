@@ -439,6 +439,14 @@ def test_reorder_state_nested():
     assert torch.equal(r["c"][1]["d"], torch.tensor([2, 2, 0]))
 
 
+def test_reorder_state_identity_keeps_tensors_and_shrinking_still_selects():
+    s = {"w": torch.arange(6.0).view(3, 2), "t": (torch.arange(3),)}
+    same = reorder_state(s, torch.arange(3))
+    assert same["w"] is s["w"] and same["t"][0] is s["t"][0]  # nothing copied
+    first_two = reorder_state(s, torch.arange(2))  # sentences finished: the batch shrinks
+    assert torch.equal(first_two["w"], torch.tensor([[0.0, 1.0], [2.0, 3.0]])) and torch.equal(first_two["t"][0], torch.arange(2))
+
+
 # ---- compressed experts ----------------------------------------------------------------------
 
 def test_no_compressed_experts_is_vanilla_top_k():

@@ -241,9 +241,9 @@ def _count_merges(counter: FlopCounterMode, result: FlopCount):
     originals = [(mod, mod.merged_linear) for mod in (layer_mod, merge_mod) if hasattr(mod, "merged_linear")]
     original = merge_mod.merged_linear
 
-    def probe(x, gates, weight, bias=None):
+    def probe(x, gates, weight, bias=None, grad_buffer=None):
         before = counter.get_total_flops()
-        y = original(x, gates, weight, bias)
+        y = original(x, gates, weight, bias, grad_buffer)
         seen = counter.get_total_flops() - before
         g, t, _ = x.shape
         n, out_f, in_f = weight.shape

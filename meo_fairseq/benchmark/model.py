@@ -8,9 +8,12 @@ reuses the data). Tasks:
 
 * ``xsum`` (``--arch``, default ``meo_transformer_tiny``): summarisation, encoder-decoder. Train
   ``--updates`` updates, then ``fairseq-generate`` on ``--gen-subset`` (default ``train``, the
-  largest split of the slice: 200 documents; this is a speed test) with the released XSum
-  settings (beam 6, max length 60, min length 10, no-repeat-ngram 3). Barely trained models
-  generate outputs of different lengths, so tokens/s is reported beside sentences/s.
+  largest split of the slice: 200 documents; this is a speed test) once per ``--gen`` setting
+  ``BATCHxBEAM`` (default ``1x1,32x6``: one sentence at a time greedily, where MEO would re-merge
+  at every step, and batched beam search), no-repeat-ngram 3 as in the XSum recipe. Every model
+  generates exactly ``--gen-len`` tokens per sentence (minimum = maximum length, default 60, the
+  recipe's maximum): barely trained models would otherwise stop at different lengths, and the
+  ratios would compare different amounts of work.
 * ``lm`` (``--lm-arch``, default ``meo_transformer_lm_tiny``): WikiText language modelling,
   train only.
 
@@ -145,12 +148,20 @@ def train_cmd(task: str, data: Path, arch: str, mode: str, a, save_dir: Path) ->
     ]
 
 
-def generate_cmd(data: Path, ckpt: Path, a) -> List:
+def gen_setting(s: str):
+    """'32x6' -> (batch 32, beam 6)."""
+    m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", s)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(f"--gen: expected BATCHxBEAM such as 32x6, got {s!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def generate_cmd(data: Path, ckpt: Path, a, batch: int, beam: int) -> List:
     cmd = [
         sys.executable, "-m", "fairseq_cli.generate", data, "--user-dir", PKG, "--task", "translation",
         "--source-lang", "src", "--target-lang", "tgt", "--truncate-source", "--max-source-positions", 512,
-        "--path", ckpt, "--gen-subset", a.gen_subset, "--beam", 6, "--max-len-a", 0, "--max-len-b", 60,
-        "--min-len", 10, "--no-repeat-ngram-size", 3, "--batch-size", a.gen_batch_size,
+        "--path", ckpt, "--gen-subset", a.gen_subset, "--beam", beam, "--max-len-a", 0, "--max-len-b", a.gen_len,
+        "--min-len", a.gen_len, "--no-repeat-ngram-size", 3, "--batch-size", batch,
         "--remove-bpe", "sentencepiece", "--num-workers", 0,
     ]
     if a.cpu:
@@ -179,43 +190,89 @@ def run(a) -> dict:
                 row = {"task": task, "arch": arch, "mode": mode, **train_wps(log)}
                 if task == "xsum" and not a.no_generate:
                     ckpt = save / "checkpoint_last.pt"
-                    glog = _run(generate_cmd(data[task], ckpt, a), work / f"generate-{task}-{mode}.log", a.threads, a.timeout)
-                    row.update(generate_speed(glog))
+                    row["gen"] = {}
+                    for batch, beam in a.gen:
+                        glog = _run(generate_cmd(data[task], ckpt, a, batch, beam),
+                                    work / f"generate-{task}-{mode}-{batch}x{beam}.log", a.threads, a.timeout)
+                        row["gen"][f"{batch}x{beam}"] = generate_speed(glog)
                 if not a.workdir:
                     shutil.rmtree(save, ignore_errors=True)
                 rows.append(row)
                 if a.progress:
-                    print(f"[model] {task} {mode}: {row['wps']:.0f} wps"
-                          + (f", {row['sentences_per_s']:.2f} sentences/s" if "sentences_per_s" in row else ""), file=sys.stderr, flush=True)
+                    gen = "".join(f", {k}: {g['sentences_per_s']:.2f} sentences/s" for k, g in row.get("gen", {}).items())
+                    print(f"[model] {task} {mode}: {row['wps']:.0f} wps{gen}", file=sys.stderr, flush=True)
         for task in tasks:
             dense = next((r for r in rows if r["task"] == task and r["mode"] == "dense"), None)
             for r in rows:
                 if r["task"] != task or dense is None:
                     continue
                 r["ratio"] = {"wps": r["wps"] / dense["wps"]}
-                if "sentences_per_s" in r and "sentences_per_s" in dense:
-                    r["ratio"]["sentences_per_s"] = r["sentences_per_s"] / dense["sentences_per_s"]
-                    r["ratio"]["tokens_per_s"] = r["tokens_per_s"] / dense["tokens_per_s"]
-        return {"experts": a.experts, "top_k": a.top_k, "updates": a.updates, "workdir": str(work) if a.workdir else None, "rows": rows}
+                for k, g in r.get("gen", {}).items():
+                    d = dense.get("gen", {}).get(k)
+                    if d:
+                        g["ratio"] = {q: g[q] / d[q] for q in ("sentences_per_s", "tokens_per_s")}
+        res = {"experts": a.experts, "top_k": a.top_k, "updates": a.updates, "workdir": str(work) if a.workdir else None, "rows": rows}
+        res["targets"] = check_targets(rows)
+        return res
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_targets(rows: List[dict]) -> List[dict]:
+    """The efficiency goals: MEO train words/s >= 0.85x dense; generate 1x1 >= 0.9x dense; generate
+    32x6 >= 0.5x dense and faster than vanilla MoE (sentences/s, same run)."""
+    out = []
+
+    def get(task, mode):
+        return next((r for r in rows if r["task"] == task and r["mode"] == mode), None)
+
+    for task in sorted({r["task"] for r in rows}):
+        meo, moe = get(task, "meo"), get(task, "moe")
+        if meo is None or "ratio" not in meo:
+            continue
+        v = meo["ratio"]["wps"]
+        out.append({"task": task, "figure": "train wps MEO/dense", "ratio": v, "goal": ">= 0.85", "met": v >= 0.85})
+        for key, bound in (("1x1", 0.9), ("32x6", 0.5)):
+            g = meo.get("gen", {}).get(key)
+            if not g or "ratio" not in g:
+                continue
+            v = g["ratio"]["sentences_per_s"]
+            t = {"task": task, "figure": f"generate {key} sentences/s MEO/dense", "ratio": v, "goal": f">= {bound}", "met": v >= bound}
+            if key == "32x6" and moe is not None and key in moe.get("gen", {}):
+                mv = moe["gen"][key]["sentences_per_s"]
+                t["goal"] += " and > vanilla MoE"
+                t["moe_ratio"] = moe["gen"][key].get("ratio", {}).get("sentences_per_s")
+                t["met"] = t["met"] and g["sentences_per_s"] > mv
+            out.append(t)
+    return out
+
+
 def table(res: dict) -> str:
-    lines = [f"fairseq end to end: {res['experts']} experts, top-{res['top_k']}, {res['updates']} updates",
-             f"{'task':5s} {'arch':24s} {'mode':6s} {'train wps':>10s} {'x dense':>7s} {'gen sent/s':>10s} {'x dense':>7s}"
-             f" {'gen tok/s':>9s} {'x dense':>7s}"]
-    lines.append("-" * len(lines[-1]))
+    keys = []
+    for r in res["rows"]:
+        keys += [k for k in r.get("gen", {}) if k not in keys]
+    head = f"{'task':5s} {'arch':24s} {'mode':6s} {'train wps':>10s} {'x dense':>7s}"
+    for k in keys:
+        head += f" {'gen ' + k + ' sent/s':>17s} {'x dense':>7s} {'tok/s':>8s} {'x dense':>7s}"
+    lines = [f"fairseq end to end: {res['experts']} experts, top-{res['top_k']}, {res['updates']} updates "
+             "(generate BATCHxBEAM)", head, "-" * len(head)]
     nan = float("nan")
     for r in res["rows"]:
-        q = r.get("ratio", {})
-        if "sentences_per_s" in r:
-            gen = (f"{r['sentences_per_s']:10.2f} {q.get('sentences_per_s', nan):7.2f}"
-                   f" {r['tokens_per_s']:9.1f} {q.get('tokens_per_s', nan):7.2f}")
-        else:
-            gen = f"{'-':>10s} {'-':>7s} {'-':>9s} {'-':>7s}"
-        lines.append(f"{r['task']:5s} {r['arch']:24s} {r['mode']:6s} {r['wps']:10.0f} {q.get('wps', nan):7.2f} {gen}")
+        s = f"{r['task']:5s} {r['arch']:24s} {r['mode']:6s} {r['wps']:10.0f} {r.get('ratio', {}).get('wps', nan):7.2f}"
+        for k in keys:
+            g = r.get("gen", {}).get(k)
+            if g:
+                q = g.get("ratio", {})
+                s += (f" {g['sentences_per_s']:17.2f} {q.get('sentences_per_s', nan):7.2f}"
+                      f" {g['tokens_per_s']:8.1f} {q.get('tokens_per_s', nan):7.2f}")
+            else:
+                s += f" {'-':>17s} {'-':>7s} {'-':>8s} {'-':>7s}"
+        lines.append(s)
+    if res.get("targets"):
+        lines.append("targets (same run):")
+        for t in res["targets"]:
+            lines.append(f"  {t['task']:5s} {t['figure']:38s} {t['ratio']:.2f}x (goal {t['goal']}) {'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)
 
 
@@ -233,7 +290,8 @@ def main(argv=None) -> int:
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--gen-subset", default="train", help="split to generate from (train: 200 documents; valid/test: 20)")
-    p.add_argument("--gen-batch-size", type=int, default=16)
+    p.add_argument("--gen", default="1x1,32x6", help="generate settings BATCHxBEAM, comma separated")
+    p.add_argument("--gen-len", type=int, default=60, help="tokens generated per sentence (minimum = maximum length)")
     p.add_argument("--no-generate", action="store_true")
     p.add_argument("--vocab-size", type=int, default=1000, help="sentencepiece vocabulary of the xsum slice")
     p.add_argument("--workdir", help="keep data, checkpoints and logs here (default: a temporary directory)")
@@ -241,6 +299,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=1800, help="seconds per fairseq command")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    try:
+        a.gen = [gen_setting(v) for v in a.gen.split(",") if v.strip()]
+    except ValueError as e:
+        p.error(str(e))
     for m in a.modes:
         if m not in MODES:
             p.error(f"--modes: unknown mode {m!r}")

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .buffers import new_grad
+
 
 def _plan(idx: Tensor, n: int):
     """Token/expert pairs grouped by expert: (order of the pairs, token of each, per-expert counts)."""
@@ -62,7 +64,7 @@ class MixLinearFunction(torch.autograd.Function):
     (autograd over per-expert slices would zero-fill and concatenate a full gradient)."""
 
     @staticmethod
-    def forward(ctx, x, w, weight, bias, idx):
+    def forward(ctx, x, w, weight, bias, idx, grad_buffer=None):
         order, token, counts = _plan(idx, weight.size(0))
         gate = w.reshape(-1).index_select(0, order).to(x.dtype)
         out = x.new_zeros(x.size(0), weight.size(1))
@@ -74,7 +76,7 @@ class MixLinearFunction(torch.autograd.Function):
                 out.index_add_(0, tok, ye.mul_(gate[start : start + c].unsqueeze(1)))
             start += c
         ctx.save_for_backward(x, w, weight, bias, order, token)
-        ctx.counts = counts
+        ctx.counts, ctx.grad_buffer = counts, grad_buffer
         return out
 
     @staticmethod
@@ -83,7 +85,12 @@ class MixLinearFunction(torch.autograd.Function):
         need_x, need_w, need_weight, need_bias = ctx.needs_input_grad[:4]
         gate = w.reshape(-1).index_select(0, order).to(x.dtype)
         gx = torch.zeros_like(x) if need_x else None
-        gweight = torch.zeros_like(weight) if need_weight else None
+        gweight = None
+        if need_weight:  # every expert with tokens is written whole below
+            gweight = new_grad(ctx.grad_buffer, weight)
+            for e, c in enumerate(ctx.counts):
+                if not c:
+                    gweight[e].zero_()
         gbias = torch.zeros_like(bias) if (need_bias and bias is not None) else None
         ggate = x.new_zeros(order.numel()) if need_w else None
         start = 0
@@ -96,7 +103,7 @@ class MixLinearFunction(torch.autograd.Function):
             xe = x.index_select(0, tok)
             g_in = go @ weight[e] if (need_x or need_w) else None  # [c, in]
             if need_w:  # dL/dgate = <go, x W^T + b> = <go W, x> + <go, b>, without recomputing
-                ggate[sl] = (g_in * xe).sum(1)
+                ggate[sl] = torch.linalg.vecdot(g_in, xe)
                 if bias is not None:
                     ggate[sl] += go @ bias[e]
             if need_x:
@@ -110,12 +117,13 @@ class MixLinearFunction(torch.autograd.Function):
         gw = None
         if need_w:
             gw = torch.empty_like(ggate).index_copy_(0, order, ggate).view_as(w).to(w.dtype)
-        return gx, gw, gweight, gbias, None
+        return gx, gw, gweight, gbias, None, None
 
 
-def mix_linear(x: Tensor, idx: Tensor, w: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def mix_linear(x: Tensor, idx: Tensor, w: Tensor, weight: Tensor, bias: Optional[Tensor] = None, grad_buffer=None) -> Tensor:
     """Vanilla MoE over linear experts: y[m] = sum_j w[m, j] (x[m] W_{idx[m,j]}^T + b_{idx[m,j]}).
 
-    x: [M, in]; idx, w: [M, k]; weight: [N, out, in]; bias: [N, out] or None. Returns [M, out].
+    x: [M, in]; idx, w: [M, k]; weight: [N, out, in]; bias: [N, out] or None; grad_buffer: optional
+    :class:`~.buffers.GradBuffer` for the weight's gradient. Returns [M, out].
     """
-    return MixLinearFunction.apply(x.to(weight.dtype), w, weight, bias, idx)
+    return MixLinearFunction.apply(x.to(weight.dtype), w, weight, bias, idx, grad_buffer)

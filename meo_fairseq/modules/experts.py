@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .buffers import GradBuffer
+
 
 class StackedExperts(nn.Module):
     """``weight`` [N, out, in], ``bias`` [N, out]; with compressed experts also ``scales`` [N, in]
@@ -20,6 +22,7 @@ class StackedExperts(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
         self.bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
         self.scales = nn.Parameter(torch.ones(num_experts, in_features)) if compressed else None
+        self.grad_buffer = GradBuffer()  # memory for weight.grad, reused across steps (buffers.py)
         self.reset_parameters()
 
     def reset_parameters(self):

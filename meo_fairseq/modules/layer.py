@@ -54,13 +54,25 @@ def _expand(t: Tensor, tokens: int) -> Tensor:
 
 
 def reorder_state(state, new_order: Tensor):
-    """Reorder an incremental-decoding state (beam search): every tensor is batch-first."""
+    """Reorder an incremental-decoding state (beam search): every tensor is batch-first.
+
+    fairseq reorders at every step; an identity order (greedy decoding, nothing finished) leaves
+    the state as it is (checked on the CPU only, where it saves copying cached merged weights)."""
+    n = new_order.numel()
+    if new_order.device.type == "cpu" and n and torch.equal(new_order, torch.arange(n, dtype=new_order.dtype)):
+        return _reorder(state, new_order, n)
+    return _reorder(state, new_order, None)
+
+
+def _reorder(state, new_order: Tensor, identity_size: Optional[int]):
     if isinstance(state, Tensor):
-        return state.index_select(0, new_order) if state.dim() > 0 else state
+        if state.dim() == 0 or state.size(0) == identity_size:
+            return state
+        return state.index_select(0, new_order)
     if isinstance(state, dict):
-        return {k: reorder_state(v, new_order) for k, v in state.items()}
+        return {k: _reorder(v, new_order, identity_size) for k, v in state.items()}
     if isinstance(state, (tuple, list)):
-        return type(state)(reorder_state(v, new_order) for v in state)
+        return type(state)(_reorder(v, new_order, identity_size) for v in state)
     return state
 
 
@@ -123,12 +135,29 @@ class ExpertLinear(_ExpertBase):
         """x: [B, T, in] -> [B, T, out]. ``routing`` is given by a parent when it routes."""
         if self.cfg.mode == "dense":
             return self.experts.dense(x)
+        if routing is None and state is not None:
+            y = self._cached_step(x, state)
+            if y is not None:
+                return y
         if routing is None:
             routing = self.router(x, pad_mask, context, state.setdefault("router", {}) if state is not None else None)
         if self.token_block is not None:
             x = self.token_block(x)
         cache = state if self._static_gates(routing, state) else None
         return _grouped(x, routing, lambda *a: self._compute(*a, routing=routing, cache=cache))
+
+    def _cached_step(self, x: Tensor, state: dict) -> Optional[Tensor]:
+        """Decoding fast path: the gates are fixed for the rest of the sentence and their merged
+        weights are cached, so skip routing and run the cached weights (None: not applicable)."""
+        rs, hit = state.get("router"), state.get("merged")
+        if hit is None or rs is None or self.experts.scales is not None:
+            return None
+        if not self.router.gates_fixed(rs) or hit[0] != rs.get("version") or hit[1].size(0) != x.size(0):
+            return None
+        self.router.skip(rs, x.size(1))
+        if self.token_block is not None:
+            x = self.token_block(x)
+        return apply_merged(x, hit[1], hit[2])
 
     def _compute(self, xg, gates, idx, w, ce, routing, cache):
         ex = self.experts
@@ -140,8 +169,8 @@ class ExpertLinear(_ExpertBase):
             if cache is not None:
                 wm, bm = self._cached_merge(cache, "merged", routing.version, gates, ex)
                 return apply_merged(xg, wm, bm)
-            return merged_linear(xg, gates, ex.weight, ex.bias)
-        y = mix_linear(xg.reshape(g * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias)
+            return merged_linear(xg, gates, ex.weight, ex.bias, ex.grad_buffer)
+        y = mix_linear(xg.reshape(g * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias, ex.grad_buffer)
         return y.view(g, tg, -1)
 
     @torch.no_grad()
@@ -190,6 +219,10 @@ class MoEFFN(_ExpertBase):
             sub = (lambda k: state.setdefault(k, {})) if state is not None else (lambda k: None)
             h = self.activation_dropout(self.activation_fn(self.fc1(x, pad_mask, context, sub("fc1"))))
             return self.fc2(h, pad_mask, context, sub("fc2"))
+        if state is not None:
+            y = self._cached_step(x, state)
+            if y is not None:
+                return y
         routing = self.router(x, pad_mask, context, state.setdefault("router", {}) if state is not None else None)
         if self.token_block is not None:
             x = self.token_block(x)
@@ -197,6 +230,20 @@ class MoEFFN(_ExpertBase):
             return _grouped(x, routing, self._mix)
         cache = state if self._static_gates(routing, state) else None
         return _grouped(x, routing, lambda *a: self._merge(*a, version=routing.version, cache=cache))
+
+    def _cached_step(self, x: Tensor, state: dict) -> Optional[Tensor]:
+        """Decoding fast path of the shared router (see ExpertLinear._cached_step)."""
+        rs, h1, h2 = state.get("router"), state.get("merged1"), state.get("merged2")
+        if h1 is None or h2 is None or rs is None or self.fc1.experts.scales is not None or self.fc2.experts.scales is not None:
+            return None
+        v = rs.get("version")
+        if not self.router.gates_fixed(rs) or h1[0] != v or h2[0] != v or h1[1].size(0) != x.size(0):
+            return None
+        self.router.skip(rs, x.size(1))
+        if self.token_block is not None:
+            x = self.token_block(x)
+        h = self.activation_dropout(self.activation_fn(apply_merged(x, h1[1], h1[2])))
+        return apply_merged(h, h2[1], h2[2])
 
     def _merge(self, xg, gates, idx, w, ce, version, cache):
         e1, e2 = self.fc1.experts, self.fc2.experts
@@ -206,13 +253,13 @@ class MoEFFN(_ExpertBase):
         if cache is not None:
             h = apply_merged(xg, *self._cached_merge(cache, "merged1", version, gates, e1))
         else:
-            h = merged_linear(xg, gates, e1.weight, e1.bias)
+            h = merged_linear(xg, gates, e1.weight, e1.bias, e1.grad_buffer)
         h = self.activation_dropout(self.activation_fn(h))
         if s2 is not None:
             h = h * s2.unsqueeze(1).to(h.dtype)
         if cache is not None:
             return apply_merged(h, *self._cached_merge(cache, "merged2", version, gates, e2))
-        return merged_linear(h, gates, e2.weight, e2.bias)
+        return merged_linear(h, gates, e2.weight, e2.bias, e2.grad_buffer)
 
     def _mix(self, xg, gates, idx, w, ce):
         e1, e2 = self.fc1.experts, self.fc2.experts

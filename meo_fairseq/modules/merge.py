@@ -30,6 +30,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .buffers import new_grad
+
 # Groups per chunk: at most this many bytes' worth of *whole* merged weights (the experts are read
 # from memory once per chunk, so larger chunks read them less often; memory is bounded by blocks).
 MERGE_CHUNK_BYTES = 256 * 2**20
@@ -100,11 +102,48 @@ def _merge_rows(g: Tensor, weight: Tensor, r0: int, r1: int, out: Tensor) -> Ten
     return torch.mm(g, _rows_flat(weight, r0, r1), out=out)
 
 
+def _whole(x: Tensor, weight: Tensor) -> bool:
+    """Small enough to merge all groups' whole weights at once: the same products as the blocked
+    path with one chunk and one block, in a few calls (small layers are bound by per-call costs)."""
+    return x.size(0) * weight[0].numel() * weight.element_size() <= min(MERGE_BLOCK_BYTES, MERGE_CHUNK_BYTES)
+
+
+def _whole_forward(x, g, weight, bias):
+    w, b = merge_weights(g, weight, bias)
+    if b is None:
+        return torch.bmm(x, w.transpose(1, 2))
+    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+
+def _whole_backward(ctx, x, g, weight, bias, dy):
+    need_x, need_g, need_w, need_b = ctx.needs_input_grad[:4]
+    n = weight.size(0)
+    gx = gg = gw = gb = None
+    if need_x:
+        gx = torch.bmm(dy, merge_weights(g, weight)[0])
+    db = dy.sum(1) if bias is not None and (need_g or need_b) else None  # [G, out]
+    if need_g or need_w:
+        dw = torch.bmm(dy.transpose(1, 2), x).view(x.size(0), -1)  # per-group weight gradient
+        if need_g:
+            gg = torch.mm(dw, weight.view(n, -1).t())
+            if db is not None:
+                gg.addmm_(db, bias.t())
+        if need_w:
+            gw = torch.mm(g.t(), dw, out=new_grad(ctx.grad_buffer, weight).view(n, -1)).view_as(weight)
+    if need_b and bias is not None:
+        gb = torch.mm(g.t(), db)
+    return gx, gg, gw, gb
+
+
 class MergedLinearFunction(torch.autograd.Function):
     """y[g] = x[g] (sum_i gates[g,i] W_i)^T + sum_i gates[g,i] b_i, recomputing merges in backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, gates: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    def forward(ctx, x: Tensor, gates: Tensor, weight: Tensor, bias: Optional[Tensor], grad_buffer=None):
+        ctx.save_for_backward(x, gates, weight, bias)
+        ctx.grad_buffer = grad_buffer
+        if _whole(x, weight) and x.size(0) > 1:
+            return _whole_forward(x, gates.to(weight.dtype), weight, bias)
         g_total, t, _ = x.shape
         n, out_f, in_f = weight.shape
         out = x.new_empty(g_total, t, out_f)
@@ -119,7 +158,6 @@ class MergedLinearFunction(torch.autograd.Function):
                 torch.bmm(xs, w, out=out[sl, :, r0:r1])
             if bias is not None:
                 out[sl] += torch.mm(g, bias).unsqueeze(1)
-        ctx.save_for_backward(x, gates, weight, bias)
         return out
 
     @staticmethod
@@ -129,10 +167,15 @@ class MergedLinearFunction(torch.autograd.Function):
         n, out_f, in_f = weight.shape
         g_total = x.size(0)
         grad_out = grad_out.contiguous()
+        if _whole(x, weight) and g_total > 1:
+            gx, gg, gw, gb = _whole_backward(ctx, x, gates.to(weight.dtype), weight, bias, grad_out)
+            return gx, (gg.to(gates.dtype) if gg is not None else None), gw, gb, None
         gx = x.new_empty(x.shape) if need_x else None
         ggt = torch.zeros(n, g_total, dtype=weight.dtype, device=gates.device) if need_g else None  # gg^T
         # every row block of the first chunk writes its part of gw; later chunks accumulate
-        gw = (weight.new_empty if g_total else weight.new_zeros)(n, out_f * in_f) if need_w else None
+        gw = None
+        if need_w:
+            gw = new_grad(ctx.grad_buffer, weight).view(n, -1) if g_total else weight.new_zeros(n, out_f * in_f)
         gb = torch.zeros_like(bias) if (need_b and bias is not None) else None
         for ci, sl in enumerate(_chunks(g_total, weight)):
             xs, dys, g = x[sl], grad_out[sl], gates[sl].to(weight.dtype)
@@ -169,22 +212,23 @@ class MergedLinearFunction(torch.autograd.Function):
         gg = ggt.t().contiguous().to(gates.dtype) if need_g else None
         if gw is not None:
             gw = gw.view_as(weight)
-        return gx, gg, gw, gb
+        return gx, gg, gw, gb, None
 
 
-def merged_linear(x: Tensor, gates: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def merged_linear(x: Tensor, gates: Tensor, weight: Tensor, bias: Optional[Tensor] = None, grad_buffer=None) -> Tensor:
     """MEO linear for routing groups.
 
     Args:
         x: [G, T, in] inputs, grouped so that the T tokens of group g share gates[g]
         gates: [G, N] gates (zeros for unselected experts), any float dtype
         weight: [N, out, in]; bias: [N, out] or None
+        grad_buffer: optional :class:`~.buffers.GradBuffer` for the weight's gradient
     Returns:
         [G, T, out]
     """
     if x.dtype != weight.dtype:
         x = x.to(weight.dtype)
-    return MergedLinearFunction.apply(x, gates, weight, bias)
+    return MergedLinearFunction.apply(x, gates, weight, bias, grad_buffer)
 
 
 def apply_merged(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:

@@ -236,6 +236,17 @@ class Router(nn.Module):
         return Routing(shape(gates), shape(idx), shape(w), shape(ce), bounds, version)
 
     # ---- incremental decoding -----------------------------------------------------------
+    def gates_fixed(self, state: dict) -> bool:
+        """Incremental decoding: are the gates of ``state`` those of every later position?
+        (encoder routing once routed, prefix routing past the prefix)"""
+        r = self.cfg.routing
+        return (r == "encoder" and "gates" in state) or (r == "prefix" and bool(state.get("routed")))
+
+    def skip(self, state: dict, t: int):
+        """Advance ``state`` by t positions whose gates are fixed (see gates_fixed), without routing."""
+        self.aux_loss, self.stats = None, {}
+        state["pos"] = state.get("pos", 0) + t
+
     def _incremental(self, x, pad_mask, context, state) -> Routing:
         """Gates for new positions x [B, t, d], consistent with the teacher-forced forward."""
         r, cfg = self.cfg.routing, self.cfg
@@ -245,6 +256,12 @@ class Router(nn.Module):
         if r == "sequence":
             raise ValueError("sequence routing is not causal; a decoder needs encoder/segment/prefix/full")
         p0 = state.get("pos", 0)
+        if self.gates_fixed(state):  # one run with the cached gates: no running means, no restacking
+            state["pos"] = p0 + t
+            stacked = state.get("stacked")
+            if stacked is None or stacked[0] != state["version"]:
+                stacked = state["stacked"] = (state["version"], _stack([state["gates"]]))
+            return self._pack(stacked[1], bsz, 1, [0, t], state["version"])
         keep = torch.ones(bsz, t, 1, device=x.device) if pad_mask is None else (~pad_mask).float().unsqueeze(-1)
         xk = x.float() * keep
         runs, bounds = [], [0]
@@ -329,7 +346,7 @@ def _prob_in_top_k(clean: Tensor, noisy: Tensor, std: Tensor, k: int) -> Tensor:
     top = noisy.topk(k + 1, dim=-1).values
     thr_in = top[:, k : k + 1]
     thr_out = top[:, k - 1 : k]
-    normal = torch.distributions.Normal(0.0, 1.0)
-    p_in = normal.cdf((clean - thr_in) / std)
-    p_out = normal.cdf((clean - thr_out) / std)
+    # standard normal CDF (torch.distributions.Normal validates its arguments at every call)
+    p_in = torch.special.ndtr((clean - thr_in) / std)
+    p_out = torch.special.ndtr((clean - thr_out) / std)
     return torch.where(noisy > thr_in, p_in, p_out)

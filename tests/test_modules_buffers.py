@@ -1,0 +1,97 @@
+"""GradBuffer: the memory of an expert weight's gradient is reused only once nobody holds it."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from meo_fairseq.modules import MoEConfig, MoEFFN, merged_linear, mix_linear
+from meo_fairseq.modules.buffers import GradBuffer
+
+D = torch.float64
+
+
+def test_get_reuses_storage_only_when_released():
+    buf = GradBuffer()
+    a = buf.get((3, 4), D, "cpu")
+    a.fill_(1.0)
+    b = buf.get((3, 4), D, "cpu")  # `a` is alive: fresh memory
+    assert b.data_ptr() != a.data_ptr()
+    ptr = a.data_ptr()
+    del a
+    c = buf.get((3, 4), D, "cpu")  # released: the same memory again
+    assert c.data_ptr() == ptr and c.shape == (3, 4) and c.is_contiguous() and c._base is None
+    del c
+    d = buf.get((4, 3), D, "cpu")  # another shape: fresh
+    assert d.data_ptr() != ptr and d.shape == (4, 3)
+    e = buf.get((4, 3), torch.float32, "cpu")
+    assert e.dtype == torch.float32
+
+
+def test_copies_and_pickles_start_empty():
+    buf = GradBuffer()
+    t = buf.get((2, 2), D, "cpu")
+    for other in (copy.deepcopy(buf), pickle.loads(pickle.dumps(buf))):
+        assert other._storage is None
+        assert other.get((2, 2), D, "cpu").data_ptr() != t.data_ptr()
+
+
+def _layer_grad(m, x, probe):
+    y = m(x)
+    (y * probe).sum().backward()
+    return {n: p.grad for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("mode,level", [("meo", "sequence"), ("moe", "token")])
+def test_training_steps_reuse_gradient_memory_and_stay_exact(mode, level):
+    torch.manual_seed(0)
+    cfg = MoEConfig(mode=mode, level=level, routing="sequence" if level == "sequence" else "token", experts=4, top_k=2, expert_unit="linear", gate_noise=False)
+    m = MoEFFN(6, 10, cfg).to(D)
+    ref = copy.deepcopy(m)
+    for r in ref.modules():  # the reference allocates every gradient afresh
+        if hasattr(r, "grad_buffer"):
+            r.grad_buffer = None
+    x, probe = torch.randn(3, 5, 6, dtype=D), torch.randn(3, 5, 6, dtype=D)
+    ptrs = None
+    for step in range(3):
+        for p in list(m.parameters()) + list(ref.parameters()):
+            p.grad = None
+        got, want = _layer_grad(m, x, probe), _layer_grad(ref, x, probe)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-12)
+        now = (m.fc1.experts.weight.grad.data_ptr(), m.fc2.experts.weight.grad.data_ptr())
+        if ptrs is not None:
+            assert now == ptrs  # the freed gradient's memory was used again
+        ptrs = now
+        del got, want  # (nobody holds the gradients any more once .grad is reset)
+
+
+@pytest.mark.parametrize("fn", ["merged", "mix"])
+def test_kept_gradient_is_never_overwritten(fn):
+    """Gradient accumulation (the previous .grad alive) and a user holding on to a gradient."""
+    torch.manual_seed(1)
+    n, o, i = 3, 4, 5
+    weight = torch.randn(n, o, i, dtype=D, requires_grad=True)
+    buf = GradBuffer()
+    x = torch.randn(2, 6, i, dtype=D)
+    gates = torch.softmax(torch.randn(2, n, dtype=D), -1)
+    idx = torch.tensor([[0, 1]] * 12)
+    w = torch.full((12, 2), 0.5, dtype=D)
+
+    def run(scale):
+        if fn == "merged":
+            y = merged_linear(x * scale, gates, weight, None, buf)
+        else:
+            y = mix_linear((x * scale).reshape(12, i), idx, w, weight, None, buf)
+        y.sum().backward()
+
+    run(1.0)
+    g1 = weight.grad.clone()
+    run(2.0)  # accumulates into the alive .grad: the buffer is busy
+    torch.testing.assert_close(weight.grad, 3 * g1)
+    kept = weight.grad
+    weight.grad = None
+    run(1.0)  # `kept` still holds the old memory: it must not be reused
+    torch.testing.assert_close(kept, 3 * g1)
+    torch.testing.assert_close(weight.grad, g1)
