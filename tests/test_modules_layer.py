@@ -426,7 +426,49 @@ def test_decoding_merges_once_per_gate_change(monkeypatch, kind, keys, routing, 
         torch.testing.assert_close(yi, m(x, None, ctx), **TIGHT)
     assert len(calls) == merges * len(keys)
     for key in keys:  # the cache holds the merged weights of the current gates
-        assert state[key][0] == state["router"]["version"]
+        assert state[key].version == state["router"]["version"]
+
+
+def test_runs_finds_beam_blocks():
+    a, b, c = torch.eye(3, dtype=D)
+    assert layer_mod._runs(torch.stack([a, a, b, b, c, c])) == 2
+    assert layer_mod._runs(torch.stack([a, a, b, b, a, a])) == 2  # equal gates of other sentences
+    assert layer_mod._runs(torch.stack([a, a, a, a])) == 4  # one sentence, four beams
+    assert layer_mod._runs(torch.stack([a, a, b])) == 1  # uneven
+    assert layer_mod._runs(torch.stack([a, b, a, b])) == 1
+    assert layer_mod._runs(torch.stack([a, a, b, c])) == 1
+    assert layer_mod._runs(a.unsqueeze(0)) == 1
+
+
+@pytest.mark.parametrize("kind,keys", [("linear", ("merged",)), ("ffn-unit", ("merged1", "merged2"))])
+def test_beam_search_merges_once_per_sentence(monkeypatch, kind, keys):
+    """Beams repeat their sentence's gates: one merged matrix per sentence, kept through beam
+    reorders, shrinking batches and (falling back to one per row) orders that mix sentences."""
+    m = make(kind, cfg_for("meo", "encoder", 6, 2, merge_min_tokens=0)).eval()
+    rows = []
+    real = layer_mod.merge_weights
+    monkeypatch.setattr(layer_mod, "merge_weights", lambda g, *a: rows.append(g.size(0)) or real(g, *a))
+    beam, t = 3, 6
+    xs, ctx = data(4, t, "encoder")
+    x = xs.repeat_interleave(beam, 0)  # 4 sentences x 3 beams, consecutive as in fairseq
+    c = ctx.repeat_interleave(beam, 0)
+    with torch.no_grad():
+        y = m(x, None, c)
+        _, state = decode(m, x, c, [1] * 2)
+        assert rows == [4] * len(keys)  # merged once per sentence, not per beam
+        assert all(state[k].block == beam and state[k].weight.size(0) == 4 for k in keys)
+        for order, block, matrices in (
+            ([1, 1, 0, 5, 3, 4, 8, 8, 8, 9, 11, 10], beam, 4),  # beam reorder inside each sentence
+            ([3, 4, 4, 9, 9, 10], beam, 2),  # sentences 0 and 2 finished
+            ([0, 3, 3], 1, 3),  # a new block takes rows of two sentences: one matrix per row
+        ):
+            new_order = torch.tensor(order)
+            state = reorder_state(state, new_order)
+            x, c, y = x[new_order], c[new_order], y[new_order]
+            assert all(state[k].block == block and state[k].weight.size(0) == matrices for k in keys)
+            yo, state = decode(m, x, c, [1] * 2, state, start=2)  # (encoder gates: any position)
+            torch.testing.assert_close(yo, y[:, 2:4], **TIGHT)
+        assert rows == [4] * len(keys)  # never merged again: reorders select
 
 
 def test_reorder_state_nested():
@@ -544,10 +586,18 @@ def test_meo_merge_and_mix_paths_agree(monkeypatch, routing, b, t, n, k):
 
 
 def test_cost_model():
-    m = ExpertLinear(8, 8, MoEConfig(mode="meo", experts=16, top_k=4))
+    m = ExpertLinear(512, 2048, MoEConfig(mode="meo", experts=16, top_k=4))
     assert m.choose_merge(16, 128, cached=False)  # a training batch: merge once per sequence
     assert not m.choose_merge(16, 1, cached=False)  # a decoding step: run the selected experts
     assert m.choose_merge(1, 4096, cached=False)
+    assert m.choose_merge(16, 1, cached=True)  # ... unless the merged weights are cached
+    assert not m.choose_merge(192, 1, cached=True)  # 192 sentences: mixing reads fewer weights
+    assert m.choose_merge(32, 6, cached=True)  # 32 sentences x 6 beams sharing their gates
+    top2 = ExpertLinear(512, 2048, MoEConfig(mode="meo", experts=8, top_k=2))
+    assert top2.choose_merge(5, 400, cached=False)  # whole documents: merge
+    assert not top2.choose_merge(64, 32, cached=False)  # segments of 32 tokens, top-2: mix
+    tiny = ExpertLinear(64, 256, MoEConfig(mode="meo", experts=8, top_k=2))
+    assert tiny.choose_merge(64, 32, cached=False)  # small layers: per-expert calls dominate
     forced = ExpertLinear(8, 8, MoEConfig(mode="meo", experts=16, top_k=4, merge_min_tokens=10))
     assert forced.choose_merge(16, 10, cached=False) and not forced.choose_merge(16, 9, cached=False)
 

@@ -26,6 +26,15 @@ from .router import Router, Routing
 
 # Cost of streaming one weight element, in multiply-adds (for choosing merge vs mix).
 STREAM_COST = 4.0
+# Extra cost per weight element of running a separate matmul per group instead of one over all
+# tokens (each group's merged weight is packed and read on its own): measured in the forward of
+# `python -m meo_fairseq.benchmark layers` at 16 x 128 tokens (per-sequence matmuls 93 ms against
+# 60 ms for the same products as one matmul), about 70 multiply-adds per element and group.
+GROUP_COST = 70.0
+# Fixed cost of one expert's calls in compute-then-mix (its gathers, matmuls, scatter, forward and
+# backward: about 0.2 ms on the CPU here), in multiply-adds; spread over the weight's elements it
+# only matters for small layers, where merging (a few calls for all groups) wins.
+CALL_COST = 8e6
 
 
 def _grouped(x: Tensor, routing: Routing, fn: Callable) -> Tensor:
@@ -53,6 +62,58 @@ def _expand(t: Tensor, tokens: int) -> Tensor:
     return t.unsqueeze(1).expand(t.size(0), tokens, t.size(1)).reshape(-1, t.size(1))
 
 
+def _runs(gates: Tensor) -> int:
+    """Rows per block when gates [G, N] come in blocks of equal consecutive rows of one length
+    (beam search repeats a sentence's gates over its beams), else 1."""
+    g = gates.size(0)
+    if g < 2:
+        return 1
+    starts = torch.ones(g, dtype=torch.bool, device=gates.device)
+    starts[1:] = (gates[1:] != gates[:-1]).any(1)
+    s = int(starts.sum())
+    if g % s or s == g:
+        return 1
+    b = g // s
+    return b if bool(starts.view(s, b)[:, 0].all()) and not bool(starts.view(s, b)[:, 1:].any()) else 1
+
+
+class MergedCache:
+    """Merged weights of fixed gates, kept across decoding steps (``version``: the router's).
+
+    Rows come in blocks of ``block`` rows with the same gates (the beams of a sentence), so the
+    weights are merged once per block: ``weight`` [G / block, out, in], ``bias`` [G / block, out].
+    ``reorder`` follows beam search; an order that mixes blocks falls back to one matrix per row.
+    """
+
+    def __init__(self, version: int, rows: int, block: int, weight: Tensor, bias: Optional[Tensor]):
+        self.version, self.rows, self.block, self.weight, self.bias = version, rows, block, weight, bias
+
+    @classmethod
+    def build(cls, version: int, gates: Tensor, experts: StackedExperts, block: int = 1) -> "MergedCache":
+        w, b = merge_weights(gates[::block], experts.weight, experts.bias)
+        return cls(version, gates.size(0), block, w, b)
+
+    def apply(self, x: Tensor) -> Tensor:
+        """x [rows, t, in] -> [rows, t, out]."""
+        rows, t = x.shape[:2]
+        s = self.weight.size(0)
+        return apply_merged(x.reshape(s, self.block * t, -1), self.weight, self.bias).view(rows, t, -1)
+
+    def reorder(self, new_order: Tensor) -> "MergedCache":
+        n, b = new_order.numel(), self.block
+        src = torch.div(new_order, b, rounding_mode="floor")  # source block of every new row
+        if b > 1 and n % b == 0:
+            blocks = src.view(-1, b)
+            if bool((blocks == blocks[:, :1]).all()):  # every new block comes from one old block
+                pick = blocks[:, 0]
+                return MergedCache(self.version, n, b, self.weight.index_select(0, pick), _select(self.bias, pick))
+        return MergedCache(self.version, n, 1, self.weight.index_select(0, src), _select(self.bias, src))
+
+
+def _select(t: Optional[Tensor], index: Tensor) -> Optional[Tensor]:
+    return t.index_select(0, index) if t is not None else None
+
+
 def reorder_state(state, new_order: Tensor):
     """Reorder an incremental-decoding state (beam search): every tensor is batch-first.
 
@@ -65,6 +126,8 @@ def reorder_state(state, new_order: Tensor):
 
 
 def _reorder(state, new_order: Tensor, identity_size: Optional[int]):
+    if isinstance(state, MergedCache):
+        return state if state.rows == identity_size else state.reorder(new_order)
     if isinstance(state, Tensor):
         if state.dim() == 0 or state.size(0) == identity_size:
             return state
@@ -82,20 +145,24 @@ class _ExpertBase(nn.Module):
     def choose_merge(self, groups: int, tokens_per_group: float, cached: bool) -> bool:
         """Merge-then-compute or compute-then-mix for linear experts (the same function).
 
-        Costs in multiply-adds per weight element: mixing runs k experts over every token and
-        streams the distinct experts used; merging streams all N experts once, writes and reads
-        a merged matrix per group (only reads it when cached), then one matmul per token.
+        Costs in multiply-adds per weight element: mixing runs k experts over every token,
+        streams the distinct experts used and pays CALL_COST per expert; merging streams all N
+        experts once, writes and reads a merged matrix per group (only reads it when cached), then
+        one matmul per token and group (GROUP_COST: a matmul per group costs more than one over
+        all tokens, so short segments of large layers mix). The constants are calibrated on the
+        CPU here; ``--moe-merge-min-tokens`` overrides the choice.
         """
         cfg = self.cfg
         if cfg.merge_min_tokens is not None:
             return tokens_per_group >= cfg.merge_min_tokens
         n, k = cfg.experts, cfg.full_experts
         tokens = groups * tokens_per_group
-        mix = tokens * k + STREAM_COST * min(n, groups * k)
+        used = min(n, groups * k)
+        mix = tokens * k + (STREAM_COST + CALL_COST / self.experts.weight[0].numel()) * used
         if cached:
             merge = tokens + STREAM_COST * groups
         else:
-            merge = tokens + groups * n + STREAM_COST * (n + 2 * groups)
+            merge = tokens + groups * n + STREAM_COST * (n + 2 * groups) + GROUP_COST * groups
         return merge <= mix
 
     def _static_gates(self, routing: Routing, state) -> bool:
@@ -107,14 +174,21 @@ class _ExpertBase(nn.Module):
             and self.cfg.routing != "full"
         )
 
+    def _use_cache(self, state, keys, version, gates: Tensor, tokens_per_group: int) -> bool:
+        """Decoding with fixed gates: run cached merged weights (merged once per block of rows
+        sharing gates) rather than mixing, when the cost model says so."""
+        hits = [state.get(k) for k in keys]
+        if all(h is not None and h.version == version and h.rows == gates.size(0) for h in hits):
+            return True
+        block = _runs(gates)
+        return self.choose_merge(gates.size(0) // block, tokens_per_group * block, cached=True)
+
     @staticmethod
-    def _cached_merge(state, key, version, gates, experts: StackedExperts):
+    def _cached_merge(state, key, version, gates, experts: StackedExperts) -> MergedCache:
         hit = state.get(key)
-        if hit is not None and hit[0] == version:
-            return hit[1], hit[2]
-        w, b = merge_weights(gates, experts.weight, experts.bias)
-        state[key] = (version, w, b)
-        return w, b
+        if hit is None or hit.version != version or hit.rows != gates.size(0):
+            hit = state[key] = MergedCache.build(version, gates, experts, _runs(gates))
+        return hit
 
 
 class ExpertLinear(_ExpertBase):
@@ -152,12 +226,12 @@ class ExpertLinear(_ExpertBase):
         rs, hit = state.get("router"), state.get("merged")
         if hit is None or rs is None or self.experts.scales is not None:
             return None
-        if not self.router.gates_fixed(rs) or hit[0] != rs.get("version") or hit[1].size(0) != x.size(0):
+        if not self.router.gates_fixed(rs) or hit.version != rs.get("version") or hit.rows != x.size(0):
             return None
         self.router.skip(rs, x.size(1))
         if self.token_block is not None:
             x = self.token_block(x)
-        return apply_merged(x, hit[1], hit[2])
+        return hit.apply(x)
 
     def _compute(self, xg, gates, idx, w, ce, routing, cache):
         ex = self.experts
@@ -165,10 +239,10 @@ class ExpertLinear(_ExpertBase):
         if s is not None:
             xg = xg * s.unsqueeze(1).to(xg.dtype)
         g, tg = xg.shape[:2]
-        if self.cfg.mode == "meo" and self.choose_merge(g, tg, cached=cache is not None):
-            if cache is not None:
-                wm, bm = self._cached_merge(cache, "merged", routing.version, gates, ex)
-                return apply_merged(xg, wm, bm)
+        if self.cfg.mode == "meo" and cache is not None:
+            if self._use_cache(cache, ("merged",), routing.version, gates, tg):
+                return self._cached_merge(cache, "merged", routing.version, gates, ex).apply(xg)
+        elif self.cfg.mode == "meo" and self.choose_merge(g, tg, cached=False):
             return merged_linear(xg, gates, ex.weight, ex.bias, ex.grad_buffer)
         y = mix_linear(xg.reshape(g * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias, ex.grad_buffer)
         return y.view(g, tg, -1)
@@ -237,13 +311,12 @@ class MoEFFN(_ExpertBase):
         if h1 is None or h2 is None or rs is None or self.fc1.experts.scales is not None or self.fc2.experts.scales is not None:
             return None
         v = rs.get("version")
-        if not self.router.gates_fixed(rs) or h1[0] != v or h2[0] != v or h1[1].size(0) != x.size(0):
+        if not self.router.gates_fixed(rs) or h1.version != v or h2.version != v or h1.rows != x.size(0) or h2.rows != x.size(0):
             return None
         self.router.skip(rs, x.size(1))
         if self.token_block is not None:
             x = self.token_block(x)
-        h = self.activation_dropout(self.activation_fn(apply_merged(x, h1[1], h1[2])))
-        return apply_merged(h, h2[1], h2[2])
+        return h2.apply(self.activation_dropout(self.activation_fn(h1.apply(x))))
 
     def _merge(self, xg, gates, idx, w, ce, version, cache):
         e1, e2 = self.fc1.experts, self.fc2.experts
@@ -251,14 +324,14 @@ class MoEFFN(_ExpertBase):
         if s1 is not None:
             xg = xg * s1.unsqueeze(1).to(xg.dtype)
         if cache is not None:
-            h = apply_merged(xg, *self._cached_merge(cache, "merged1", version, gates, e1))
+            h = self._cached_merge(cache, "merged1", version, gates, e1).apply(xg)
         else:
             h = merged_linear(xg, gates, e1.weight, e1.bias, e1.grad_buffer)
         h = self.activation_dropout(self.activation_fn(h))
         if s2 is not None:
             h = h * s2.unsqueeze(1).to(h.dtype)
         if cache is not None:
-            return apply_merged(h, *self._cached_merge(cache, "merged2", version, gates, e2))
+            return self._cached_merge(cache, "merged2", version, gates, e2).apply(h)
         return merged_linear(h, gates, e2.weight, e2.bias, e2.grad_buffer)
 
     def _mix(self, xg, gates, idx, w, ce):

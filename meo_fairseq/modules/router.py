@@ -65,8 +65,9 @@ def masked_mean(x: Tensor, pad_mask: Optional[Tensor]) -> Tensor:
     x = x.float()
     if pad_mask is None:
         return x.mean(1)
-    keep = (~pad_mask).to(x.dtype).unsqueeze(-1)
-    return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+    keep = (~pad_mask).to(x.dtype).unsqueeze(1)  # [B, 1, T]
+    # one [1, T] x [T, d] product per sequence: no [B, T, d] temporary, forward or backward
+    return torch.bmm(keep, x).squeeze(1) / keep.sum(2).clamp(min=1.0)
 
 
 class Router(nn.Module):
@@ -251,8 +252,8 @@ class Router(nn.Module):
         """Gates for new positions x [B, t, d], consistent with the teacher-forced forward."""
         r, cfg = self.cfg.routing, self.cfg
         bsz, t, _ = x.shape
-        if r == "token":
-            return self.forward(x, pad_mask, context, None)
+        if r == "token":  # (decoding: no auxiliary loss, as for the cached gates of other routings)
+            return self._pack(self.route(x.reshape(bsz * t, -1), aux=False), bsz, t, None)
         if r == "sequence":
             raise ValueError("sequence routing is not causal; a decoder needs encoder/segment/prefix/full")
         p0 = state.get("pos", 0)
