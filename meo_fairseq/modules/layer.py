@@ -106,6 +106,8 @@ class MergedCache:
             blocks = src.view(-1, b)
             if bool((blocks == blocks[:, :1]).all()):  # every new block comes from one old block
                 pick = blocks[:, 0]
+                if pick.numel() == self.weight.size(0) and torch.equal(pick, torch.arange(pick.numel(), device=pick.device)):
+                    return MergedCache(self.version, n, b, self.weight, self.bias)  # beams moved inside their sentences
                 return MergedCache(self.version, n, b, self.weight.index_select(0, pick), _select(self.bias, pick))
         return MergedCache(self.version, n, 1, self.weight.index_select(0, src), _select(self.bias, src))
 

@@ -18,11 +18,15 @@ once per chunk of groups and pass, every output written once, and the only scrat
 one block buffer per call (never a whole merged matrix). A single group on the CPU merges only
 its selected experts.
 
+Small problems (all groups' merged weights within one block) take a short path with the same
+products in a few calls: small layers are bound by per-call costs.
+
 Measured with ``python -m meo_fairseq.benchmark layers`` (2-core CPU, fp32, d=768, ffn=3072,
-16 experts, top-4), MEO FFN forward+backward against a dense FFN: 16 x 128 tokens 4.35x before
-(whole merged matrices, chunk by chunk) -> 2.29x; 4 x 512 tokens 2.50x -> 1.86x. What is left is
-mostly traffic over all N experts that a dense layer does not have: reading them for the merges
-and the gate gradient, writing the fresh N x out x in expert gradient.
+16 experts, top-4), MEO FFN forward+backward against a dense FFN: 16 x 128 tokens 4.35x with
+whole merged matrices chunk by chunk, 1.95x now; 4 x 512 tokens 2.50x -> 1.62x. What is left is
+mostly traffic over all N experts that a dense layer does not have (reading them for the merges
+and the gate gradient, writing the N x out x in expert gradient: 1.2x dense by itself) and the
+per-group matmuls, whose merged weights are packed one by one.
 """
 
 from typing import Optional, Tuple
