@@ -23,7 +23,8 @@ Modes: ``dense`` (``--moe-mode dense``), ``moe`` (vanilla token-level top-k MoE,
 ``--moe-experts``/``--moe-top-k`` experts in every FFN linear.
 
 Words/s is fairseq's own ``wps`` of the ``train_inner`` log lines (``--log-interval`` updates
-each); the first interval (warm-up) is dropped and the median of the others is reported.
+each); the first interval (warm-up) is dropped and the median of the others is taken, then the
+median over ``--repeats`` training runs (the modes interleaved).
 Sentences/s is fairseq-generate's own "Translated N sentences ... (X sentences/s ...)" line
 (generation time only, model loading excluded). Runs are sequential; on a shared machine the
 numbers move with the load, so compare ratios of one run.
@@ -183,11 +184,19 @@ def run(a) -> dict:
         tasks = ["xsum", "lm"] if a.task == "all" else [a.task]
         for task in tasks:
             arch = a.arch if task == "xsum" else a.lm_arch
+            # training runs of the modes interleaved, --repeats times: a slow spell of a shared
+            # machine hits every mode alike; words/s is the median over the runs
+            runs = {mode: [] for mode in a.modes}
+            for rep in range(a.repeats):
+                for mode in a.modes:
+                    save = work / f"ckpt-{task}-{mode}"
+                    shutil.rmtree(save, ignore_errors=True)
+                    log = _run(train_cmd(task, data[task], arch, mode, a, save), work / f"train-{task}-{mode}-{rep}.log", a.threads, a.timeout)
+                    runs[mode].append(train_wps(log))
             for mode in a.modes:
                 save = work / f"ckpt-{task}-{mode}"
-                shutil.rmtree(save, ignore_errors=True)
-                log = _run(train_cmd(task, data[task], arch, mode, a, save), work / f"train-{task}-{mode}.log", a.threads, a.timeout)
-                row = {"task": task, "arch": arch, "mode": mode, **train_wps(log)}
+                row = {"task": task, "arch": arch, "mode": mode, "wps": statistics.median(r["wps"] for r in runs[mode]),
+                       "wps_runs": [r["wps"] for r in runs[mode]]}
                 if task == "xsum" and not a.no_generate:
                     ckpt = save / "checkpoint_last.pt"
                     row["gen"] = {}
@@ -211,7 +220,8 @@ def run(a) -> dict:
                     d = dense.get("gen", {}).get(k)
                     if d:
                         g["ratio"] = {q: g[q] / d[q] for q in ("sentences_per_s", "tokens_per_s")}
-        res = {"experts": a.experts, "top_k": a.top_k, "updates": a.updates, "workdir": str(work) if a.workdir else None, "rows": rows}
+        res = {"experts": a.experts, "top_k": a.top_k, "updates": a.updates, "repeats": a.repeats,
+               "workdir": str(work) if a.workdir else None, "rows": rows}
         res["targets"] = check_targets(rows)
         return res
     finally:
@@ -256,7 +266,7 @@ def table(res: dict) -> str:
     for k in keys:
         head += f" {'gen ' + k + ' sent/s':>17s} {'x dense':>7s} {'tok/s':>8s} {'x dense':>7s}"
     lines = [f"fairseq end to end: {res['experts']} experts, top-{res['top_k']}, {res['updates']} updates "
-             "(generate BATCHxBEAM)", head, "-" * len(head)]
+             f"(train words/s: median of {res.get('repeats', 1)} interleaved runs; generate BATCHxBEAM)", head, "-" * len(head)]
     nan = float("nan")
     for r in res["rows"]:
         s = f"{r['task']:5s} {r['arch']:24s} {r['mode']:6s} {r['wps']:10.0f} {r.get('ratio', {}).get('wps', nan):7.2f}"
@@ -287,6 +297,7 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--updates", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=3, help="training runs per mode, interleaved; words/s is their median")
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--gen-subset", default="train", help="split to generate from (train: 200 documents; valid/test: 20)")
@@ -299,6 +310,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=1800, help="seconds per fairseq command")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
     try:
         a.gen = [gen_setting(v) for v in a.gen.split(",") if v.strip()]
     except ValueError as e:
