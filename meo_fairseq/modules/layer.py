@@ -176,20 +176,39 @@ class _ExpertBase(nn.Module):
             and self.cfg.routing != "full"
         )
 
-    def _use_cache(self, state, keys, version, gates: Tensor, tokens_per_group: int) -> bool:
-        """Decoding with fixed gates: run cached merged weights (merged once per block of rows
-        sharing gates) rather than mixing, when the cost model says so."""
+    @staticmethod
+    def _hits(state, keys, version, rows: int) -> Optional[list]:
+        """The cached merged weights under ``keys`` if all are for these gates and rows, else None."""
         hits = [state.get(k) for k in keys]
-        if all(h is not None and h.version == version and h.rows == gates.size(0) for h in hits):
-            return True
+        if all(h is not None and h.version == version and h.rows == rows for h in hits):
+            return hits
+        return None
+
+    def _fixed_step(self, state, keys, router: Router, x: Tensor, scaled: bool) -> Optional[list]:
+        """Decoding fast path: when the gates are fixed for the rest of the sentence and their
+        merged weights are cached, advance the router without routing and return the caches."""
+        rs = state.get("router")
+        if rs is None or scaled or not router.gates_fixed(rs):
+            return None
+        hits = self._hits(state, keys, rs.get("version"), x.size(0))
+        if hits is not None:
+            router.skip(rs, x.size(1))
+        return hits
+
+    def _use_cache(self, state, keys, version, gates: Tensor, tokens_per_group: int) -> int:
+        """Decoding with fixed gates: the rows per block sharing gates if cached merged weights
+        (merged once per block) should run rather than mixing (the cost model), else 0."""
+        hits = self._hits(state, keys, version, gates.size(0))
+        if hits is not None:
+            return hits[0].block
         block = _runs(gates)
-        return self.choose_merge(gates.size(0) // block, tokens_per_group * block, cached=True)
+        return block if self.choose_merge(gates.size(0) // block, tokens_per_group * block, cached=True) else 0
 
     @staticmethod
-    def _cached_merge(state, key, version, gates, experts: StackedExperts) -> MergedCache:
+    def _cached_merge(state, key, version, gates, experts: StackedExperts, block: int) -> MergedCache:
         hit = state.get(key)
         if hit is None or hit.version != version or hit.rows != gates.size(0):
-            hit = state[key] = MergedCache.build(version, gates, experts, _runs(gates))
+            hit = state[key] = MergedCache.build(version, gates, experts, block)
         return hit
 
 
@@ -223,17 +242,13 @@ class ExpertLinear(_ExpertBase):
         return _grouped(x, routing, lambda *a: self._compute(*a, routing=routing, cache=cache))
 
     def _cached_step(self, x: Tensor, state: dict) -> Optional[Tensor]:
-        """Decoding fast path: the gates are fixed for the rest of the sentence and their merged
-        weights are cached, so skip routing and run the cached weights (None: not applicable)."""
-        rs, hit = state.get("router"), state.get("merged")
-        if hit is None or rs is None or self.experts.scales is not None:
+        """Decoding fast path (see _fixed_step); None: not applicable."""
+        hits = self._fixed_step(state, ("merged",), self.router, x, self.experts.scales is not None)
+        if hits is None:
             return None
-        if not self.router.gates_fixed(rs) or hit.version != rs.get("version") or hit.rows != x.size(0):
-            return None
-        self.router.skip(rs, x.size(1))
         if self.token_block is not None:
             x = self.token_block(x)
-        return hit.apply(x)
+        return hits[0].apply(x)
 
     def _compute(self, xg, gates, idx, w, ce, routing, cache):
         ex = self.experts
@@ -242,8 +257,9 @@ class ExpertLinear(_ExpertBase):
             xg = xg * s.unsqueeze(1).to(xg.dtype)
         g, tg = xg.shape[:2]
         if self.cfg.mode == "meo" and cache is not None:
-            if self._use_cache(cache, ("merged",), routing.version, gates, tg):
-                return self._cached_merge(cache, "merged", routing.version, gates, ex).apply(xg)
+            block = self._use_cache(cache, ("merged",), routing.version, gates, tg)
+            if block:
+                return self._cached_merge(cache, "merged", routing.version, gates, ex, block).apply(xg)
         elif self.cfg.mode == "meo" and self.choose_merge(g, tg, cached=False):
             return merged_linear(xg, gates, ex.weight, ex.bias, ex.grad_buffer)
         y = mix_linear(xg.reshape(g * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias, ex.grad_buffer)
@@ -308,17 +324,14 @@ class MoEFFN(_ExpertBase):
         return _grouped(x, routing, lambda *a: self._merge(*a, version=routing.version, cache=cache))
 
     def _cached_step(self, x: Tensor, state: dict) -> Optional[Tensor]:
-        """Decoding fast path of the shared router (see ExpertLinear._cached_step)."""
-        rs, h1, h2 = state.get("router"), state.get("merged1"), state.get("merged2")
-        if h1 is None or h2 is None or rs is None or self.fc1.experts.scales is not None or self.fc2.experts.scales is not None:
+        """Decoding fast path of the shared router (see _fixed_step); None: not applicable."""
+        scaled = self.fc1.experts.scales is not None or self.fc2.experts.scales is not None
+        hits = self._fixed_step(state, ("merged1", "merged2"), self.router, x, scaled)
+        if hits is None:
             return None
-        v = rs.get("version")
-        if not self.router.gates_fixed(rs) or h1.version != v or h2.version != v or h1.rows != x.size(0) or h2.rows != x.size(0):
-            return None
-        self.router.skip(rs, x.size(1))
         if self.token_block is not None:
             x = self.token_block(x)
-        return h2.apply(self.activation_dropout(self.activation_fn(h1.apply(x))))
+        return hits[1].apply(self.activation_dropout(self.activation_fn(hits[0].apply(x))))
 
     def _merge(self, xg, gates, idx, w, ce, version, cache):
         e1, e2 = self.fc1.experts, self.fc2.experts
@@ -326,14 +339,16 @@ class MoEFFN(_ExpertBase):
         if s1 is not None:
             xg = xg * s1.unsqueeze(1).to(xg.dtype)
         if cache is not None:
-            h = self._cached_merge(cache, "merged1", version, gates, e1).apply(xg)
+            hits = self._hits(cache, ("merged1", "merged2"), version, gates.size(0))
+            block = hits[0].block if hits is not None else _runs(gates)
+            h = self._cached_merge(cache, "merged1", version, gates, e1, block).apply(xg)
         else:
             h = merged_linear(xg, gates, e1.weight, e1.bias, e1.grad_buffer)
         h = self.activation_dropout(self.activation_fn(h))
         if s2 is not None:
             h = h * s2.unsqueeze(1).to(h.dtype)
         if cache is not None:
-            return self._cached_merge(cache, "merged2", version, gates, e2).apply(h)
+            return self._cached_merge(cache, "merged2", version, gates, e2, block).apply(h)
         return merged_linear(h, gates, e2.weight, e2.bias, e2.grad_buffer)
 
     def _mix(self, xg, gates, idx, w, ce):
