@@ -11,6 +11,11 @@
 
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 USER_DIR="$REPO_DIR/meo_fairseq"
+# the devices paragraph of every train script's --help (how run_train picks devices)
+DEVICES_HELP='Devices: with GPUs visible (CUDA_VISIBLE_DEVICES), fairseq trains on all of them
+(--distributed-world-size = their number; fairseq spawns one process per GPU) with --fp16
+(MEO_BF16=1: --bf16). MEO_LAUNCHER=torchrun launches with torchrun instead (MEO_TORCHRUN_ARGS
+replaces "--standalone --nproc_per_node N", e.g. for several nodes). Without a GPU: --cpu.'
 # the scorers are run as `python -m meo_fairseq.scoring...`: make the checkout importable
 export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 

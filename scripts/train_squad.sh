@@ -29,10 +29,7 @@ lr 5e-4 inverse_sqrt with 4000 warmup updates, dropout 0.1, weight decay 1e-4, -
   anything else       passed to fairseq-train after the recipe's options, so it overrides them:
                       e.g. --moe-top-k 8, --moe-mode moe, --max-update 10, --max-tokens 1024.
 
-Devices: with GPUs visible (CUDA_VISIBLE_DEVICES), fairseq trains on all of them
-(--distributed-world-size = their number; fairseq spawns one process per GPU) with --fp16
-(MEO_BF16=1: --bf16). MEO_LAUNCHER=torchrun launches with torchrun instead (MEO_TORCHRUN_ARGS
-replaces "--standalone --nproc_per_node N"). Without a GPU: --cpu.
+$DEVICES_HELP
 Environment: PYTHON (default: .venv/bin/python of this checkout).
 EOF2
 }

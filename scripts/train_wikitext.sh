@@ -37,10 +37,7 @@ The recipe's 50000 updates are for WikiText-103; WikiText-2 (the paper's data, ~
 ~60 updates per epoch at the recipe's batch: use fewer updates or --patience (see
 examples/wikitext/README.md).
 
-Devices: with GPUs visible (CUDA_VISIBLE_DEVICES), fairseq trains on all of them
-(--distributed-world-size = their number; fairseq spawns one process per GPU) with --fp16
-(MEO_BF16=1: --bf16). MEO_LAUNCHER=torchrun launches with torchrun instead (MEO_TORCHRUN_ARGS
-replaces "--standalone --nproc_per_node N"). Without a GPU: --cpu.
+$DEVICES_HELP
 Environment: PYTHON (default: .venv/bin/python of this checkout).
 EOF2
 }

@@ -29,10 +29,7 @@ clip-norm 0.1, --max-tokens 2048, --update-freq 2, dropout 0.1).
                       Giving --max-update N also sets --total-num-update N (the decay length) unless
                       --total-num-update is given.
 
-Devices: with GPUs visible (CUDA_VISIBLE_DEVICES), fairseq trains on all of them
-(--distributed-world-size = their number; fairseq spawns one process per GPU) with --fp16
-(MEO_BF16=1: --bf16). MEO_LAUNCHER=torchrun launches with torchrun instead (MEO_TORCHRUN_ARGS
-replaces "--standalone --nproc_per_node N", e.g. for several nodes). Without a GPU: --cpu.
+$DEVICES_HELP
 The recipe's batch is --max-tokens 2048 x --update-freq 2 per GPU; the fairseq recipe assumes
 8 GPUs (keep GPUs x update-freq = 16 to keep its effective batch).
 Environment: PYTHON (default: .venv/bin/python of this checkout).

@@ -257,12 +257,9 @@ class Router(nn.Module):
         if r == "sequence":
             raise ValueError("sequence routing is not causal; a decoder needs encoder/segment/prefix/full")
         p0 = state.get("pos", 0)
-        if self.gates_fixed(state):  # one run with the cached gates: no running means, no restacking
+        if self.gates_fixed(state):  # one run with the cached gates ([B, ...] = one run stacked)
             state["pos"] = p0 + t
-            stacked = state.get("stacked")
-            if stacked is None or stacked[0] != state["version"]:
-                stacked = state["stacked"] = (state["version"], _stack([state["gates"]]))
-            return self._pack(stacked[1], bsz, 1, [0, t], state["version"])
+            return self._pack(state["gates"], bsz, 1, [0, t], state["version"])
         keep = torch.ones(bsz, t, 1, device=x.device) if pad_mask is None else (~pad_mask).float().unsqueeze(-1)
         xk = x.float() * keep
         runs, bounds = [], [0]
