@@ -10,6 +10,7 @@ import torch
 
 from meo_fairseq.benchmark import flops as FL
 from meo_fairseq.benchmark import layers as LY
+from meo_fairseq.modules.buffers import scratch_bytes
 from meo_fairseq.benchmark import model as MD
 from meo_fairseq.benchmark.__main__ import main as bench_main
 from meo_fairseq.modules import ExpertLinear, MoEConfig, MoEFFN, Router
@@ -199,6 +200,8 @@ def test_peak_memory_excludes_parameter_gradients():
             peak = LY.peak_memory(m, x, probe)
         grads = sum(p.numel() * p.element_size() for p in m.parameters())
         assert peak > 0
+        if v == "meo":  # the kept scratch memory (merged weights) is counted in full
+            assert scratch_bytes() >= 4 * b * d * f and peak >= scratch_bytes()
         if v != "dense":
             # the expert gradients (8 experts) alone are larger than anything else in the step
             assert peak < grads

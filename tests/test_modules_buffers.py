@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from meo_fairseq.modules import MoEConfig, MoEFFN, merged_linear, mix_linear
-from meo_fairseq.modules.buffers import GradBuffer
+from meo_fairseq.modules.buffers import GradBuffer, release_scratch, scratch, scratch_bytes
 
 D = torch.float64
 
@@ -95,3 +95,59 @@ def test_kept_gradient_is_never_overwritten(fn):
     run(1.0)  # `kept` still holds the old memory: it must not be reused
     torch.testing.assert_close(kept, 3 * g1)
     torch.testing.assert_close(weight.grad, g1)
+
+
+# ---- scratch: one reusable storage for temporaries that never leave their caller ---------------
+
+
+def test_scratch_reuses_grows_and_never_hands_out_memory_in_use():
+    release_scratch()
+    a = scratch(10, D, "cpu")
+    assert a.shape == (10,) and a.dtype == D and scratch_bytes() == 80
+    b = scratch(4, D, "cpu")  # `a` is still alive: fresh memory, the scratch is not touched
+    assert b.untyped_storage().data_ptr() != a.untyped_storage().data_ptr() and scratch_bytes() == 80
+    ptr = a.untyped_storage().data_ptr()
+    del a, b
+    c = scratch(6, torch.float32, "cpu")  # free again: the same memory, any dtype
+    assert c.untyped_storage().data_ptr() == ptr and c.dtype == torch.float32 and c.shape == (6,)
+    del c
+    d = scratch(30, D, "cpu")  # larger: grown once, kept at the largest request
+    assert d.numel() == 30 and scratch_bytes() == 240
+    del d
+    assert scratch(3, D, "cpu").untyped_storage().nbytes() == 240
+    release_scratch()
+    assert scratch_bytes() == 0
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_merged_linear_is_exact_whether_the_scratch_is_free_or_held(monkeypatch, whole):
+    """The merged weights and per-group weight gradients live in the scratch memory; a scratch
+    held by somebody else (a misuse) only costs a fresh allocation."""
+    from meo_fairseq.modules import merge as M
+
+    if not whole:  # the blocked path, several row blocks
+        monkeypatch.setattr(M, "MERGE_BLOCK_BYTES", 8 * 3 * 5 * 2)
+        monkeypatch.setattr(M, "MERGE_MIN_ROWS", 1)
+    torch.manual_seed(2)
+    g, t, i, o, n = 3, 4, 5, 7, 4
+    x = torch.randn(g, t, i, dtype=D, requires_grad=True)
+    gates = torch.softmax(torch.randn(g, n, dtype=D), -1).requires_grad_(True)
+    w = torch.randn(n, o, i, dtype=D, requires_grad=True)
+    b = torch.randn(n, o, dtype=D, requires_grad=True)
+    probe = torch.randn(g, t, o, dtype=D)
+    ref = sum(gates[:, e, None, None] * (x @ w[e].t() + b[e]) for e in range(n))
+    want = torch.autograd.grad((ref * probe).sum(), [x, gates, w, b])
+    for held in (False, True, False):
+        release_scratch()
+        keep = scratch(1, D, "cpu") if held else None
+        if keep is not None:
+            keep.fill_(7.0)
+        y = M.merged_linear(x, gates, w, b)
+        got = torch.autograd.grad((y * probe).sum(), [x, gates, w, b])
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+        if held:
+            assert float(keep[0]) == 7.0  # never written by the layer
+        else:
+            assert scratch_bytes() > 0  # the layer used the scratch

@@ -25,6 +25,8 @@ Measures
   gradients are left out because they are N times the dense ones by design (N experts), the
   same as the parameters; what the measure compares is the working and activation memory that
   a layer's implementation decides (for MEO: merged weights, saved tensors, backward buffers).
+  The scratch memory that MEO keeps between calls (``modules.buffers.scratch``, allocated in the
+  warm-up step) is added whole, as if it were live for the whole step.
   The allocator-level definition is the same on CPU and CUDA.
 * ``floor`` (MEO): the memory traffic that any implementation of an MEO training step adds to
   the dense one, timed with plain streaming ops in the same run. With fp32 experts and
@@ -54,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modules import MoEConfig, MoEFFN, Router
+from ..modules.buffers import release_scratch, scratch_bytes
 
 VARIANTS = ("dense", "moe-token", "moe-seq", "meo", "meo-token")
 SHAPES = ((16, 128), (4, 512))
@@ -152,6 +155,7 @@ def peak_memory(m: MoEFFN, x, probe) -> int:
     dev = torch.device(x.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     m.train()
+    release_scratch()  # (scratch memory kept from another variant's run is not this one's)
     _train_step(m, x, probe)  # warm up (lazy init, allocator caches)
     for p in m.parameters():
         p.grad = None
@@ -193,7 +197,9 @@ def peak_memory(m: MoEFFN, x, probe) -> int:
         elif addr in sizes:
             cur -= sizes.pop(addr)
         peak = max(peak, cur)
-    return peak
+    # the scratch storage (buffers.scratch) was allocated in the warm-up and stays allocated: it
+    # is part of the layer's working memory for the whole step
+    return peak + scratch_bytes()
 
 
 def saved_bytes(m: MoEFFN, x) -> int:

@@ -15,34 +15,43 @@ import torch
 from fairseq import metrics
 
 from ..modules import Router
+from ..modules.router import summarize
 
 STATS = ("moe_aux", "moe_balance", "moe_z_loss", "moe_max_frac", "moe_entropy")
 
 
 def aux_and_stats(model):
     """(sum of the routers' weighted aux losses or None, logging dict of layer averages)."""
-    total, n = None, 0
-    balance = z = maxf = ent = 0.0
+    losses, summaries = [], []
     for m in model.modules():
         if not isinstance(m, Router) or m.aux_loss is None:
             continue
-        total = m.aux_loss if total is None else total + m.aux_loss
-        if m.stats:
-            n += 1
-            balance += float(m.stats["balance"])
-            z += float(m.stats["z_loss"])
-            maxf += float(m.stats["fraction"].max())
-            ent += float(m.stats["entropy"])
-    if n == 0:
+        losses.append(m.aux_loss)
+        if m.summary is not None:
+            summaries.append(m.summary)
+    if not losses:
+        return None, {}
+    total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+    if not summaries:
         return total, {}
-    return total, {
-        "moe_aux": float(total.detach()),
-        "moe_balance": balance / n,
-        "moe_z_loss": z / n,
-        "moe_max_frac": maxf / n,
-        "moe_entropy": ent / n,
-        "moe_batches": 1,
-    }
+    # one batch of ops and one transfer for all routers (they share the number of experts)
+    if len({s.numel() for s in summaries}) == 1:
+        parts = [summarize(torch.stack(summaries).float())]
+    else:
+        parts = [summarize(s.float().unsqueeze(0)) for s in summaries]
+    cols = ("balance", "z_loss", "max_frac", "entropy")
+    vals = torch.stack([
+        torch.cat([p["balance"] for p in parts]).sum(),
+        torch.cat([p["z_loss"] for p in parts]).sum(),
+        torch.cat([p["fraction"].max(1).values for p in parts]).sum(),
+        torch.cat([p["entropy"] for p in parts]).sum(),
+        total.detach().float(),
+    ]).tolist()
+    n = len(summaries)
+    out = {"moe_aux": vals[-1]}
+    out.update({f"moe_{c}": v / n for c, v in zip(cols, vals)})
+    out["moe_batches"] = 1
+    return total, out
 
 
 def add_aux(loss, model, sample_size, logging_output):

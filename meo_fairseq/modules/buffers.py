@@ -12,6 +12,8 @@ more (the previous gradient was freed); otherwise it allocates as usual. The ten
 aliases the storage without being a view, so autograd adopts it as ``.grad`` without a copy.
 """
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -57,3 +59,42 @@ def new_grad(buffer, like: Tensor) -> Tensor:
     if buffer is None or like.device.type != "cpu":
         return torch.empty_like(like, memory_format=torch.contiguous_format)
     return buffer.get(like.shape, like.dtype, like.device)
+
+
+class _Scratch(threading.local):
+    storage = None
+
+
+_scratch = _Scratch()
+
+
+def scratch(numel: int, dtype: torch.dtype, device) -> Tensor:
+    """An uninitialised 1-D tensor of ``numel`` elements for a temporary that never leaves the
+    caller (merged weights, per-group weight gradients inside MEO's autograd function).
+
+    On the CPU it lives on one storage per thread that is kept and grown to the largest request,
+    so the pages of these temporaries (up to tens of MB per call) fault once, not at every call:
+    the same reason as :class:`GradBuffer`. Only one scratch tensor may be in use at a time. If
+    the previous one is still referenced (a caller broke that rule), or off the CPU, a fresh
+    tensor is returned instead, so a mistake costs speed, never correctness.
+    """
+    device = torch.device(device)
+    if device.type != "cpu" or _use_count is None:
+        return torch.empty(numel, dtype=dtype, device=device)
+    nbytes = numel * dtype.itemsize
+    st = _scratch.storage
+    if st is not None and _use_count(st._cdata) > 1:  # still in use somewhere: leave it alone
+        return torch.empty(numel, dtype=dtype, device=device)
+    if st is None or st.nbytes() < nbytes:
+        st = _scratch.storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+    return torch.empty(0, dtype=dtype).set_(st, 0, (numel,))
+
+
+def scratch_bytes() -> int:
+    """Bytes held by this thread's scratch storage (counted by the layer benchmark's peak)."""
+    st = _scratch.storage
+    return st.nbytes() if st is not None else 0
+
+
+def release_scratch():
+    _scratch.storage = None

@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .buffers import new_grad
+from .buffers import new_grad, scratch
 
 # Groups per chunk: at most this many bytes' worth of *whole* merged weights (the experts are read
 # from memory once per chunk, so larger chunks read them less often; memory is bounded by blocks).
@@ -112,11 +112,18 @@ def _whole(x: Tensor, weight: Tensor) -> bool:
     return x.size(0) * weight[0].numel() * weight.element_size() <= min(MERGE_BLOCK_BYTES, MERGE_CHUNK_BYTES)
 
 
+def _merged_scratch(g: Tensor, weight: Tensor) -> Tensor:
+    """Merged weights [G, out, in] of all groups, in the scratch memory (see buffers.scratch)."""
+    n, out_f, in_f = weight.shape
+    w = scratch(g.size(0) * out_f * in_f, weight.dtype, weight.device).view(g.size(0), -1)
+    return torch.mm(g, weight.view(n, -1), out=w).view(-1, out_f, in_f)
+
+
 def _whole_forward(x, g, weight, bias):
-    w, b = merge_weights(g, weight, bias)
-    if b is None:
+    w = _merged_scratch(g, weight)
+    if bias is None:
         return torch.bmm(x, w.transpose(1, 2))
-    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    return torch.baddbmm(torch.mm(g, bias).unsqueeze(1), x, w.transpose(1, 2))
 
 
 def _whole_backward(ctx, x, g, weight, bias, dy):
@@ -124,12 +131,13 @@ def _whole_backward(ctx, x, g, weight, bias, dy):
     n = weight.size(0)
     gx = gg = gw = gb = None
     if need_x:
-        gx = torch.bmm(dy, merge_weights(g, weight)[0])
+        gx = torch.bmm(dy, _merged_scratch(g, weight))  # (the scratch is free again afterwards)
     db = dy.sum(1) if bias is not None and (need_g or need_b) else None  # [G, out]
     if need_g or need_w:
-        dw = torch.bmm(dy.transpose(1, 2), x).view(x.size(0), -1)  # per-group weight gradient
+        dw = scratch(x.size(0) * weight[0].numel(), weight.dtype, weight.device).view(x.size(0), weight.size(1), -1)
+        dw = torch.bmm(dy.transpose(1, 2), x, out=dw).view(x.size(0), -1)  # per-group weight gradient
         if need_g:
-            gg = torch.mm(dw, weight.view(n, -1).t())
+            gg = torch.mm(weight.view(n, -1), dw.t()).t()  # (this orientation is the faster one here)
             if db is not None:
                 gg.addmm_(db, bias.t())
         if need_w:
@@ -155,11 +163,12 @@ class MergedLinearFunction(torch.autograd.Function):
             xs, g = x[sl], gates[sl].to(weight.dtype)
             c = g.size(0)
             blocks = _row_blocks(c, weight)
-            buf = x.new_empty(c * (blocks[0][1] - blocks[0][0]) * in_f)
+            buf = scratch(c * (blocks[0][1] - blocks[0][0]) * in_f, x.dtype, x.device)
             for r0, r1 in blocks:
                 w = _merge_rows(g, weight, r0, r1, buf[: c * (r1 - r0) * in_f].view(c, -1))
                 w = w.view(c, r1 - r0, in_f).transpose(1, 2)
                 torch.bmm(xs, w, out=out[sl, :, r0:r1])
+            buf = w = None  # the scratch is free for the next chunk
             if bias is not None:
                 out[sl] += torch.mm(g, bias).unsqueeze(1)
         return out
@@ -186,7 +195,7 @@ class MergedLinearFunction(torch.autograd.Function):
             c = g.size(0)
             blocks = _row_blocks(c, weight)
             # one buffer for a block's merged rows (input gradient), then its weight-gradient rows
-            buf = x.new_empty(c * (blocks[0][1] - blocks[0][0]) * in_f)
+            buf = scratch(c * (blocks[0][1] - blocks[0][0]) * in_f, x.dtype, x.device)
             for bi, (r0, r1) in enumerate(blocks):
                 w_rows = _rows_flat(weight, r0, r1)  # [N, rows*in]
                 dy = dys[:, :, r0:r1]  # [c, T, rows]
@@ -207,6 +216,7 @@ class MergedLinearFunction(torch.autograd.Function):
                             torch.mm(g.t(), dw, out=gw_rows)
                         else:
                             gw_rows.addmm_(g.t(), dw)
+            buf = w = dw = None  # the scratch is free for the next chunk
             if bias is not None and (need_g or need_b):
                 db = dys.sum(1)  # [c, out]
                 if need_g:

@@ -5,7 +5,9 @@ a context vector) into a :class:`Routing`: gates for *runs* of consecutive posit
 one gate (a sequence, a segment, the part after a prefix), or for every token.
 
 Everything is computed in fp32 whatever the input dtype. The auxiliary loss of the last forward
-is exposed as ``router.aux_loss`` (already weighted) and routing statistics as ``router.stats``.
+is exposed as ``router.aux_loss`` (already weighted) and routing statistics as ``router.stats``
+(from ``router.summary``, a vector that :func:`summarize` turns into statistics for many routers
+at once).
 """
 
 import math
@@ -19,8 +21,7 @@ from torch import Tensor
 
 from . import losses
 from .config import MoEConfig
-
-_NOISE_EPS = 1e-2
+from .gating import NOISE_EPS, noisy_top_k_gating
 
 
 @dataclass
@@ -77,6 +78,9 @@ class Router(nn.Module):
     function): ``w_gate`` [d, N], ``w_noise`` [d, N], ``default_logits`` [N].
     """
 
+    # training-time gating as one autograd node (gating.py); False: the step-by-step reference
+    fused = True
+
     def __init__(self, input_dim: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
@@ -85,17 +89,30 @@ class Router(nn.Module):
         self.w_noise = nn.Parameter(torch.zeros(input_dim, cfg.experts))
         self.default_logits = nn.Parameter(torch.zeros(cfg.experts))
         self.aux_loss: Optional[Tensor] = None
-        self.stats: Dict[str, Tensor] = {}
+        self.summary: Optional[Tensor] = None  # [N + 3]: importance, balance, z-loss, groups
+
+    @property
+    def stats(self) -> Dict[str, Tensor]:
+        """Statistics of the last forward's auxiliary loss (see :func:`summarize`); {} if none."""
+        if self.summary is None:
+            return {}
+        return {k: v[0] for k, v in summarize(self.summary.unsqueeze(0)).items()}
 
     # ---- gating -------------------------------------------------------------------------
-    def _select(self, logits: Tensor):
-        """Top-k of logits [G, N] -> (gates over the k [G, k], indices [G, k], the k logits [G, k]),
-        sorted descending."""
-        top_v, top_i = logits.topk(self.cfg.top_k, dim=-1)
-        return torch.softmax(top_v, dim=-1), top_i, top_v
+    def _select(self, logits: Tensor, extra: int = 0):
+        """Top-k of logits [G, N] -> (gates over the k [G, k], indices [G, k], the k logits [G, k],
+        the top k + extra logits [G, k + extra]), sorted descending (one top-k for both)."""
+        k = self.cfg.top_k
+        top_v, top_i = logits.topk(k + extra, dim=-1)
+        if extra:
+            top_v, top_i, top = top_v[:, :k], top_i[:, :k], top_v
+        else:
+            top = top_v
+        return torch.softmax(top_v, dim=-1), top_i, top_v, top
 
-    def _split(self, gk: Tensor, ik: Tensor, top_v: Tensor):
-        """Split the top-k into full and compressed experts; dense gates [G, N] of each part."""
+    def _split(self, gk: Tensor, ik: Tensor, top_v: Tensor, selected: Optional[Tensor] = None):
+        """Split the top-k into full and compressed experts; dense gates [G, N] of each part.
+        ``selected``: the dense gates [G, N] of all k (reused when every expert is full)."""
         n, kf = self.num_experts, self.cfg.full_experts
         w, idx = gk[:, :kf], ik[:, :kf]
         ce = None
@@ -106,6 +123,8 @@ class Router(nn.Module):
             w = torch.softmax(top_v[:, :kf], dim=-1)
             wc = torch.softmax(top_v[:, kf:], dim=-1)
             ce = gk.new_zeros(gk.size(0), n).scatter(1, ik[:, kf:], wc)
+        elif selected is not None:
+            return selected, idx, w, ce
         gates = gk.new_zeros(gk.size(0), n).scatter(1, idx, w)
         return gates, idx, w, ce
 
@@ -116,50 +135,71 @@ class Router(nn.Module):
         loss and statistics over the groups where aux_mask [G] is True (all when None).
         """
         inp = inp.float()
+        noisy = self.training and self.cfg.gate_noise
+        if aux and self.fused and not self.cfg.compressed_experts and self.cfg.balance_loss in ("cv", "none"):
+            if aux_mask is None or bool(aux_mask.any()):
+                return self._route_fused(inp, aux_mask, noisy)
         clean = inp @ self.w_gate.float()
         logits = clean
-        noisy = self.training and self.cfg.gate_noise
         if noisy:
-            std = F.softplus(inp @ self.w_noise.float()) + _NOISE_EPS
+            std = F.softplus(inp @ self.w_noise.float()) + NOISE_EPS
             logits = clean + torch.randn_like(clean) * std
-        gk, ik, top_v = self._select(logits)
-        if aux:
-            self._aux(clean, logits, gk, ik, std if noisy else None, aux_mask)
-        return self._split(gk, ik, top_v)
+        # the smooth load estimate needs the (k+1)-th noisy logit too: one top-k for both
+        smooth = aux and noisy and self.cfg.balance_loss == "cv" and self.cfg.top_k < self.num_experts
+        gk, ik, top_v, top = self._select(logits, int(smooth))
+        if not aux:
+            return self._split(gk, ik, top_v)
+        selected = gk.new_zeros(gk.size(0), self.num_experts).scatter(1, ik, gk)  # [G, N], all k
+        load = _prob_in_top_k(clean, logits, std, top) if smooth else None
+        self._aux(clean, selected, load, aux_mask)
+        return self._split(gk, ik, top_v, selected)
+
+    def _route_fused(self, inp: Tensor, aux_mask: Optional[Tensor], noisy: bool):
+        """route() with the gating and its auxiliary loss as one autograd node (gating.py)."""
+        cfg, n = self.cfg, self.num_experts
+        noise = torch.randn(inp.size(0), n, device=inp.device) if noisy else None  # (as randn_like(clean))
+        keep = aux_mask.float() if aux_mask is not None else None
+        gates, w, idx, self.aux_loss, st = noisy_top_k_gating(
+            inp, self.w_gate.float(), self.w_noise.float(), noise, keep, cfg.top_k, cfg.balance_loss, cfg.balance_weight, cfg.z_loss_weight
+        )
+        self.summary = st
+        return gates, idx, w, None
 
     def default_gate(self, groups: int):
         """The learned input-independent gate, repeated for ``groups`` groups."""
-        parts = self._split(*self._select(self.default_logits.float().unsqueeze(0)))
+        parts = self._split(*self._select(self.default_logits.float().unsqueeze(0))[:3])
         return tuple(p.expand(groups, *p.shape[1:]) if p is not None else None for p in parts)
 
-    def _aux(self, clean, logits, gk, ik, std, aux_mask):
-        if aux_mask is not None:
-            clean, logits, gk, ik = clean[aux_mask], logits[aux_mask], gk[aux_mask], ik[aux_mask]
-            if std is not None:
-                std = std[aux_mask]
+    def _aux(self, clean: Tensor, gates: Tensor, load: Optional[Tensor], aux_mask: Optional[Tensor]):
+        """Auxiliary loss and statistics from the clean logits [G, N], the gates of all k selected
+        experts [G, N] and (noisy training, CV loss) the smooth load estimate [G, N], over the
+        groups where aux_mask [G] is True. The CV loss only sums over groups, so masked groups
+        are zeroed instead of indexed out (fewer ops, no host sync)."""
         n, cfg = self.num_experts, self.cfg
-        gates = clean.new_zeros(clean.size(0), n).scatter(1, ik, gk)
         zero = clean.new_zeros(())
-        if gates.size(0) == 0:
+        if gates.size(0) == 0 or (aux_mask is not None and not bool(aux_mask.any())):
             self.aux_loss = zero
-            self.stats = {}
+            self.summary = None
             return
+        keep = None if aux_mask is None else aux_mask.to(gates.dtype).unsqueeze(1)  # [G, 1]
+        real = (lambda t: t) if aux_mask is None else (lambda t: t[aux_mask])  # noqa: E731
+        if keep is not None:
+            gates = gates * keep
         if cfg.balance_loss == "cv":
-            if std is not None and cfg.top_k < n:
-                load = _prob_in_top_k(clean, logits, std, cfg.top_k).sum(0)
-            else:
-                load = (gates > 0).to(gates.dtype).sum(0)
-            balance = losses.cv_loss(gates, load)
+            if load is None:
+                load = (gates > 0).to(gates.dtype)  # (masked groups are already zero)
+            elif keep is not None:
+                load = load * keep
+            balance = losses.cv_loss(gates, load.sum(0))
         elif cfg.balance_loss == "switch":
-            balance = losses.switch_loss(clean, gates)
+            balance = losses.switch_loss(real(clean), real(gates))
         else:
             balance = zero
-        zl = losses.z_loss(clean) if cfg.z_loss_weight > 0 else zero
+        zl = losses.z_loss(real(clean)) if cfg.z_loss_weight > 0 else zero
         self.aux_loss = cfg.balance_weight * balance + cfg.z_loss_weight * zl
         with torch.no_grad():
-            frac = gates.sum(0) / gates.sum()
-            ent = -(frac * frac.clamp(min=1e-12).log()).sum()
-        self.stats = {"balance": balance.detach(), "z_loss": zl.detach(), "fraction": frac, "entropy": ent}
+            count = gates.new_tensor(float(gates.size(0))) if keep is None else keep.sum()
+            self.summary = torch.cat([gates.sum(0), torch.stack([balance, zl, count])])
 
     # ---- granularities ------------------------------------------------------------------
     def forward(
@@ -172,7 +212,7 @@ class Router(nn.Module):
         """x: [B, T, d] router input; pad_mask: [B, T] (True = pad) or None; context: [B, d_ctx]
         for ``encoder`` routing; state: a dict kept between incremental decoding steps (x then
         holds the new positions only)."""
-        self.aux_loss, self.stats = None, {}
+        self.aux_loss, self.summary = None, None
         r = self.cfg.routing
         # incremental decoding needs the context only until the gates are cached
         if r == "encoder" and context is None and (state is None or "gates" not in state):
@@ -214,7 +254,8 @@ class Router(nn.Module):
         if pad_t:
             xf = F.pad(xf, (0, 0, 0, pad_t))
             keep = F.pad(keep, (0, pad_t))
-        sums = (xf * keep.unsqueeze(-1)).view(bsz, s, seg, -1).sum(2)  # [B, S, d]
+        xk = xf if pad_mask is None else xf * keep.unsqueeze(-1)  # (no padding: nothing to zero)
+        sums = xk.view(bsz, s, seg, -1).sum(2)  # [B, S, d]
         cnt = keep.view(bsz, s, seg).sum(2)  # [B, S]
         means = sums / cnt.clamp(min=1.0).unsqueeze(-1)
         valid_prev = cnt[:, :-1] > 0  # [B, S-1]: segment j-1 has real tokens
@@ -245,7 +286,7 @@ class Router(nn.Module):
 
     def skip(self, state: dict, t: int):
         """Advance ``state`` by t positions whose gates are fixed (see gates_fixed), without routing."""
-        self.aux_loss, self.stats = None, {}
+        self.aux_loss, self.summary = None, None
         state["pos"] = state.get("pos", 0) + t
 
     def _incremental(self, x, pad_mask, context, state) -> Routing:
@@ -315,6 +356,17 @@ class Router(nn.Module):
         return self._pack(parts, bsz, len(runs), bounds, state.get("version", -1))
 
 
+def summarize(summaries: Tensor) -> Dict[str, Tensor]:
+    """Routing statistics of R routers from their summaries [R, N + 3] (one batch of ops for all):
+    balance [R] and z_loss [R] (unweighted losses), fraction [R, N] (each expert's share of the
+    gate mass over the real groups) and entropy [R] of that share."""
+    n = summaries.size(1) - 3
+    imp = summaries[:, :n]
+    frac = imp / imp.sum(1, keepdim=True)
+    ent = -(frac * frac.clamp(min=1e-12).log()).sum(1)
+    return {"balance": summaries[:, n], "z_loss": summaries[:, n + 1], "fraction": frac, "entropy": ent}
+
+
 def _where(cond: Tensor, a, b):
     """Per-group choice between two gate tuples (cond [G])."""
     out = []
@@ -339,9 +391,11 @@ def _stack(parts_list):
     return tuple(out)
 
 
-def _prob_in_top_k(clean: Tensor, noisy: Tensor, std: Tensor, k: int) -> Tensor:
-    """Smooth load estimate of noisy top-k gating (Shazeer et al. 2017, appendix A): [G, N]."""
-    top = noisy.topk(k + 1, dim=-1).values
+def _prob_in_top_k(clean: Tensor, noisy: Tensor, std: Tensor, top: Tensor) -> Tensor:
+    """Smooth load estimate of noisy top-k gating (Shazeer et al. 2017, appendix A): [G, N].
+
+    top: the k + 1 largest noisy logits [G, k + 1], sorted descending."""
+    k = top.size(1) - 1
     thr_in = top[:, k : k + 1]
     thr_out = top[:, k - 1 : k]
     # standard normal CDF (torch.distributions.Normal validates its arguments at every call)

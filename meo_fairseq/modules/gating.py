@@ -1,0 +1,168 @@
+"""Noisy top-k gating with its auxiliary loss as one autograd node (the router's training path).
+
+The same function as the step-by-step router code (``Router.route`` with ``fused=False``, kept as
+the reference): logits ``clean = x Wg``; in training with noise ``std = softplus(x Wn) + eps``
+and ``logits = clean + noise * std``; top-k of the logits, softmax over the k; and the auxiliary
+loss over the groups with ``keep`` = 1:
+
+* ``cv``: CV^2(importance) + CV^2(load) (Shazeer et al. 2017), importance the summed gates, load
+  the smooth estimate ``P(logit_i in top-k)`` with noise (else the selection counts);
+* ``z`` (weight > 0): mean of logsumexp(clean)^2 (ST-MoE).
+
+Why a custom function: at small widths a router is a few dozen tiny ops whose autograd graph
+costs more than their arithmetic. One MEO FFN training step of a 64-dim layer at 5 x 400 tokens
+ran 1327 aten ops with the step-by-step router and 897 with this function (dense: about 140).
+Forward and backward here are written out in a few vectorised ops; the backward is the exact
+derivative of the reference (gradient through the top-k thresholds of the load estimate
+included), checked against autograd in tests/test_modules_gating.py. The switch loss and
+compressed experts take the reference path.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+NOISE_EPS = 1e-2  # floor of the noise scale
+
+
+def _cv2_and_grad(v: Tensor, eps: float = 1e-10):
+    """CV^2 of the rows of v [R, N] (unbiased variance, as losses.cv_squared) and its gradient."""
+    n = v.size(1)
+    if n <= 1:
+        return v.new_zeros(v.size(0)), torch.zeros_like(v)
+    mu = v.mean(1, keepdim=True)
+    dev = v - mu
+    var = dev.pow(2).sum(1, keepdim=True) / (n - 1)
+    den = mu * mu + eps
+    cv2 = var / den
+    grad = (2.0 / (n - 1)) * dev / den - (2.0 / n) * var * mu / (den * den)
+    return cv2.squeeze(1), grad
+
+
+class NoisyTopKGating(torch.autograd.Function):
+    """(gates [G, N], w [G, k], idx [G, k], aux scalar, stats [N + 3]) from router inputs [G, d].
+
+    gates are the dense gates (zeros off the top-k), w the same k values; both are differentiable
+    (merging uses gates, compute-then-mix uses w). stats (no gradient): the importance [N], then
+    the balance loss, the z-loss and the number of kept groups.
+    """
+
+    @staticmethod
+    def forward(ctx, inp, w_gate, w_noise, noise, keep, k: int, balance: str, balance_weight: float, z_weight: float):
+        g_rows, n = inp.size(0), w_gate.size(1)
+        clean = inp @ w_gate
+        noisy = noise is not None
+        if noisy:
+            raw = inp @ w_noise
+            std = F.softplus(raw) + NOISE_EPS
+            logits = clean + noise * std
+        else:
+            raw = std = None
+            logits = clean
+        smooth = noisy and balance == "cv" and k < n
+        top_v, top_i = logits.topk(k + int(smooth), dim=-1)
+        w = torch.softmax(top_v[:, :k], dim=-1)
+        idx = top_i[:, :k]
+        gates = logits.new_zeros(g_rows, n).scatter_(1, idx, w)
+        kw = keep.unsqueeze(1) if keep is not None else None  # [G, 1]
+        count = keep.sum() if keep is not None else clean.new_tensor(float(g_rows))
+        imp = (kw * gates).sum(0) if kw is not None else gates.sum(0)
+        saved = {}
+        aux = clean.new_zeros(())
+        bal = clean.new_zeros(())
+        if balance == "cv":
+            if smooth:
+                thr_in, thr_out = top_v[:, k : k + 1], top_v[:, k - 1 : k]
+                is_in = logits > thr_in
+                z = torch.where(is_in, clean - thr_in, clean - thr_out) / std
+                load_p = torch.special.ndtr(z)
+                saved.update(z=z, is_in=is_in)
+            else:
+                load_p = (gates > 0).to(gates.dtype)
+            load = (kw * load_p).sum(0) if kw is not None else load_p.sum(0)
+            cv2, dcv2 = _cv2_and_grad(torch.stack([imp, load]))
+            bal = cv2.sum()
+            aux = aux + balance_weight * bal
+            saved.update(dcv2=dcv2)
+        zl = clean.new_zeros(())
+        if z_weight > 0:
+            lse = torch.logsumexp(clean, dim=-1)  # [G]
+            sq = lse * lse
+            zl = ((kw.squeeze(1) * sq).sum() if kw is not None else sq.sum()) / count.clamp(min=1.0)
+            aux = aux + z_weight * zl
+            saved.update(lse=lse)
+        ctx.k, ctx.balance, ctx.bw, ctx.zw, ctx.smooth, ctx.noisy = k, balance, balance_weight, z_weight, smooth, noisy
+        ctx.saved = saved
+        ctx.save_for_backward(inp, w_gate, w_noise if noisy else None, noise, keep, clean, raw, std, w, top_i, count)
+        stats = torch.cat([imp, torch.stack([bal, zl, count])]).detach()
+        ctx.mark_non_differentiable(idx, stats)
+        return gates, w, idx, aux, stats
+
+    @staticmethod
+    def backward(ctx, g_gates, g_w, _g_idx, g_aux, _g_stats):
+        inp, w_gate, w_noise, noise, keep, clean, raw, std, w, top_i, count = ctx.saved_tensors
+        k, s = ctx.k, ctx.saved
+        g_rows, n = clean.shape
+        kw = keep.unsqueeze(1) if keep is not None else None
+        if g_gates is None:
+            g_gates = clean.new_zeros(g_rows, n)
+        g_clean = None
+        g_aux = g_aux if g_aux is not None else clean.new_zeros(())
+        if ctx.balance == "cv":
+            d_imp, d_load = (g_aux * ctx.bw) * s["dcv2"]  # [N] each
+            d_imp = d_imp.unsqueeze(0) if kw is None else kw * d_imp
+            g_gates = g_gates + d_imp
+        # through the top-k softmax into the selected logits
+        idx = top_i[:, :k]
+        g_wk = g_gates.gather(1, idx)
+        if g_w is not None:
+            g_wk = g_wk + g_w
+        g_top = w * (g_wk - (w * g_wk).sum(1, keepdim=True))
+        g_logits = clean.new_zeros(g_rows, n).scatter_(1, idx, g_top)
+        g_std = None
+        if ctx.balance == "cv" and ctx.smooth:
+            z, is_in = s["z"], s["is_in"]
+            d_p = d_load.unsqueeze(0) if kw is None else kw * d_load  # dAux/dP [G, N]
+            d_z = d_p * (torch.exp(-0.5 * z * z) * _INV_SQRT_2PI) / std  # dAux/d(numerator)
+            g_clean = d_z
+            g_std = -d_z * z
+            # the thresholds are the (k+1)-th and k-th noisy logits
+            d_in = -(d_z * is_in).sum(1, keepdim=True)
+            d_out = -(d_z.sum(1, keepdim=True) + d_in)  # (sum over the rest, negated)
+            g_logits.scatter_add_(1, top_i[:, k : k + 1], d_in)
+            g_logits.scatter_add_(1, top_i[:, k - 1 : k], d_out)
+        if ctx.zw > 0:
+            d_lse = (g_aux * ctx.zw * 2.0) * s["lse"] / count.clamp(min=1.0)
+            if keep is not None:
+                d_lse = d_lse * keep
+            dz = torch.softmax(clean, dim=-1) * d_lse.unsqueeze(1)
+            g_clean = dz if g_clean is None else g_clean + dz
+        g_clean = g_logits if g_clean is None else g_clean + g_logits
+        g_raw = None
+        if ctx.noisy:
+            gs = g_logits * noise
+            g_std = gs if g_std is None else g_std + gs
+            # softplus' = sigmoid (beyond softplus's threshold of 20 the slope is 1, and so is the
+            # fp32 sigmoid there)
+            g_raw = g_std * torch.sigmoid(raw)
+        need_inp, need_wg, need_wn = ctx.needs_input_grad[:3]
+        g_inp = g_wg = g_wn = None
+        if need_inp:
+            g_inp = g_clean @ w_gate.t()
+            if g_raw is not None:
+                g_inp = g_inp.addmm_(g_raw, w_noise.t())
+        if need_wg:
+            g_wg = inp.t() @ g_clean
+        if need_wn and g_raw is not None:
+            g_wn = inp.t() @ g_raw
+        return g_inp, g_wg, g_wn, None, None, None, None, None, None
+
+
+def noisy_top_k_gating(inp: Tensor, w_gate: Tensor, w_noise: Tensor, noise: Optional[Tensor], keep: Optional[Tensor], k: int, balance: str, balance_weight: float, z_weight: float):
+    """See :class:`NoisyTopKGating`; inp [G, d] fp32, noise [G, N] standard normal or None
+    (no noise), keep [G] float (1 = counts in the auxiliary loss) or None (all)."""
+    return NoisyTopKGating.apply(inp, w_gate, w_noise, noise, keep, k, balance, balance_weight, z_weight)
