@@ -15,15 +15,16 @@ matmul producing those output columns; backward, the input-gradient contribution
 and, from the same rows of the per-group weight gradient ``dy_g^T x_g``, the gate gradient
 ``<dW_g, W_i>`` and the expert gradient ``sum_g g_gi dW_g``. Every expert is read from memory
 once per chunk of groups and pass, every output written once, and the only scratch memory is
-one block buffer per call (never a whole merged matrix). A single group on the CPU merges only
-its selected experts.
+one block buffer (never a whole merged matrix), taken from the scratch storage of buffers.py so
+that its pages fault once, not at every call. A single group on the CPU merges only its
+selected experts.
 
 Small problems (all groups' merged weights within one block) take a short path with the same
 products in a few calls: small layers are bound by per-call costs.
 
 Measured with ``python -m meo_fairseq.benchmark layers`` (2-core CPU, fp32, d=768, ffn=3072,
 16 experts, top-4), MEO FFN forward+backward against a dense FFN: 16 x 128 tokens 4.35x with
-whole merged matrices chunk by chunk, 1.95x now; 4 x 512 tokens 2.50x -> 1.62x. What is left is
+whole merged matrices chunk by chunk, 1.82x now; 4 x 512 tokens 2.50x -> 1.57x. What is left is
 mostly traffic over all N experts that a dense layer does not have (reading them for the merges
 and the gate gradient, writing the N x out x in expert gradient: 1.2x dense by itself) and the
 per-group matmuls, whose merged weights are packed one by one.
