@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 NOISE_EPS = 1e-2  # floor of the noise scale
@@ -103,6 +104,7 @@ class NoisyTopKGating(torch.autograd.Function):
         return gates, w, idx, aux, stats
 
     @staticmethod
+    @once_differentiable  # (no double backward: a clear error instead of a silently wrong graph)
     def backward(ctx, g_gates, g_w, _g_idx, g_aux, _g_stats):
         inp, w_gate, w_noise, noise, keep, clean, raw, std, w, top_i, count = ctx.saved_tensors
         k, s = ctx.k, ctx.saved
