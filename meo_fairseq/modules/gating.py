@@ -157,10 +157,12 @@ class NoisyTopKGating(torch.autograd.Function):
             g_inp = g_clean @ w_gate.t()
             if g_raw is not None:
                 g_inp = g_inp.addmm_(g_raw, w_noise.t())
+        # (g^T inp)^T rather than inp^T g: with many routed tokens the former runs about twice as
+        # fast here (MKL and a transposed [tokens, d] operand)
         if need_wg:
-            g_wg = inp.t() @ g_clean
+            g_wg = (g_clean.t() @ inp).t()
         if need_wn and g_raw is not None:
-            g_wn = inp.t() @ g_raw
+            g_wn = (g_raw.t() @ inp).t()
         return g_inp, g_wg, g_wn, None, None, None, None, None, None
 
 
