@@ -157,7 +157,7 @@ class Router(nn.Module):
     def _route_fused(self, inp: Tensor, aux_mask: Optional[Tensor], noisy: bool):
         """route() with the gating and its auxiliary loss as one autograd node (gating.py)."""
         cfg, n = self.cfg, self.num_experts
-        noise = torch.randn(inp.size(0), n, device=inp.device) if noisy else None  # (as randn_like(clean))
+        noise = torch.randn(inp.size(0), n, dtype=inp.dtype, device=inp.device) if noisy else None  # (as randn_like(clean))
         keep = aux_mask.float() if aux_mask is not None else None
         gates, w, idx, self.aux_loss, st = noisy_top_k_gating(
             inp, self.w_gate.float(), self.w_noise.float(), noise, keep, cfg.top_k, cfg.balance_loss, cfg.balance_weight, cfg.z_loss_weight
