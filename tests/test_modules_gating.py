@@ -126,3 +126,19 @@ def test_criterion_stats_are_the_averages_of_the_routers():
     assert stats["moe_z_loss"] == pytest.approx(sum(float(r.stats["z_loss"]) for r in routers) / n, rel=1e-6)
     assert stats["moe_max_frac"] == pytest.approx(sum(float(r.stats["fraction"].max()) for r in routers) / n, rel=1e-6)
     assert stats["moe_entropy"] == pytest.approx(sum(float(r.stats["entropy"]) for r in routers) / n, rel=1e-6)
+
+
+def test_criterion_stats_with_routers_of_different_sizes():
+    """Routers with different numbers of experts (a model built from the library by hand)."""
+    torch.manual_seed(1)
+    cfgs = [MoEConfig(mode="meo", level="sequence", routing="sequence", experts=n, top_k=2) for n in (4, 6)]
+    model = torch.nn.ModuleList([MoEFFN(8, 16, c) for c in cfgs]).train()
+    x = torch.randn(3, 5, 8)
+    for m in model:
+        x = m(x)
+    routers = [r for m in model for r in m.routers()]
+    _, stats = aux_and_stats(model)
+    n = len(routers)
+    assert stats["moe_max_frac"] == pytest.approx(sum(float(r.stats["fraction"].max()) for r in routers) / n, rel=1e-6)
+    assert stats["moe_entropy"] == pytest.approx(sum(float(r.stats["entropy"]) for r in routers) / n, rel=1e-6)
+    assert stats["moe_balance"] == pytest.approx(sum(float(r.stats["balance"]) for r in routers) / n, rel=1e-6)

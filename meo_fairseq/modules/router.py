@@ -174,7 +174,7 @@ class Router(nn.Module):
         """Auxiliary loss and statistics from the clean logits [G, N], the gates of all k selected
         experts [G, N] and (noisy training, CV loss) the smooth load estimate [G, N], over the
         groups where aux_mask [G] is True. The CV loss only sums over groups, so masked groups
-        are zeroed instead of indexed out (fewer ops, no host sync)."""
+        are zeroed instead of indexed out (fewer ops); the switch and z-losses index them out."""
         n, cfg = self.num_experts, self.cfg
         zero = clean.new_zeros(())
         if gates.size(0) == 0 or (aux_mask is not None and not bool(aux_mask.any())):
