@@ -84,17 +84,19 @@ def test_unsupported_configs_take_the_reference_path():
         torch.manual_seed(0)
         r = Router(4, cfg).train()
         torch.manual_seed(1)
-        a = r.route(x)
+        a, aux_a = r.route(x), r.aux_loss
         r.fused = False
         torch.manual_seed(1)
-        b = r.route(x)
+        b, aux_b = r.route(x), r.aux_loss
         for u, v in zip(a, b):
+            assert (u is None) == (v is None)
             if u is not None:
                 assert torch.equal(u, v)
+        assert torch.equal(aux_a, aux_b)
 
 
 def test_summaries_and_stats_by_hand():
-    s = torch.tensor([[3.0, 1.0, 0.0, 0.0, 0.5, 0.25, 2.0], [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 4.0]])
+    s = torch.tensor([[3.0, 1.0, 0.0, 0.0, 0.5, 0.25], [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
     got = summarize(s)
     torch.testing.assert_close(got["fraction"], torch.tensor([[0.75, 0.25, 0, 0], [0.25, 0.25, 0.25, 0.25]]))
     torch.testing.assert_close(got["balance"], torch.tensor([0.5, 0.0]))

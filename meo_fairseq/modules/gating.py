@@ -45,11 +45,11 @@ def _cv2_and_grad(v: Tensor, eps: float = 1e-10):
 
 
 class NoisyTopKGating(torch.autograd.Function):
-    """(gates [G, N], w [G, k], idx [G, k], aux scalar, stats [N + 3]) from router inputs [G, d].
+    """(gates [G, N], w [G, k], idx [G, k], aux scalar, stats [N + 2]) from router inputs [G, d].
 
     gates are the dense gates (zeros off the top-k), w the same k values; both are differentiable
     (merging uses gates, compute-then-mix uses w). stats (no gradient): the importance [N], then
-    the balance loss, the z-loss and the number of kept groups.
+    the balance loss and the z-loss.
     """
 
     @staticmethod
@@ -70,7 +70,6 @@ class NoisyTopKGating(torch.autograd.Function):
         idx = top_i[:, :k]
         gates = logits.new_zeros(g_rows, n).scatter_(1, idx, w)
         kw = keep.unsqueeze(1) if keep is not None else None  # [G, 1]
-        count = keep.sum() if keep is not None else clean.new_tensor(float(g_rows))
         imp = (kw * gates).sum(0) if kw is not None else gates.sum(0)
         saved = {}
         aux = clean.new_zeros(())
@@ -90,16 +89,18 @@ class NoisyTopKGating(torch.autograd.Function):
             aux = aux + balance_weight * bal
             saved.update(dcv2=dcv2)
         zl = clean.new_zeros(())
+        count = None
         if z_weight > 0:
+            count = (keep.sum() if keep is not None else clean.new_tensor(float(g_rows))).clamp(min=1.0)
             lse = torch.logsumexp(clean, dim=-1)  # [G]
             sq = lse * lse
-            zl = ((kw.squeeze(1) * sq).sum() if kw is not None else sq.sum()) / count.clamp(min=1.0)
+            zl = ((kw.squeeze(1) * sq).sum() if kw is not None else sq.sum()) / count
             aux = aux + z_weight * zl
             saved.update(lse=lse)
         ctx.k, ctx.balance, ctx.bw, ctx.zw, ctx.smooth, ctx.noisy = k, balance, balance_weight, z_weight, smooth, noisy
         ctx.saved = saved
         ctx.save_for_backward(inp, w_gate, w_noise if noisy else None, noise, keep, clean, raw, std, w, top_i, count)
-        stats = torch.cat([imp, torch.stack([bal, zl, count])]).detach()
+        stats = torch.cat([imp, torch.stack([bal, zl])]).detach()
         ctx.mark_non_differentiable(idx, stats)
         return gates, w, idx, aux, stats
 
@@ -126,7 +127,7 @@ class NoisyTopKGating(torch.autograd.Function):
         g_top = w * (g_wk - (w * g_wk).sum(1, keepdim=True))
         g_logits = clean.new_zeros(g_rows, n).scatter_(1, idx, g_top)
         g_std = None
-        if ctx.balance == "cv" and ctx.smooth:
+        if ctx.smooth:  # (noisy CV loss)
             z, is_in = s["z"], s["is_in"]
             d_p = d_load.unsqueeze(0) if kw is None else kw * d_load  # dAux/dP [G, N]
             d_z = d_p * (torch.exp(-0.5 * z * z) * _INV_SQRT_2PI) / std  # dAux/d(numerator)
@@ -138,7 +139,7 @@ class NoisyTopKGating(torch.autograd.Function):
             g_logits.scatter_add_(1, top_i[:, k : k + 1], d_in)
             g_logits.scatter_add_(1, top_i[:, k - 1 : k], d_out)
         if ctx.zw > 0:
-            d_lse = (g_aux * ctx.zw * 2.0) * s["lse"] / count.clamp(min=1.0)
+            d_lse = (g_aux * ctx.zw * 2.0) * s["lse"] / count
             if keep is not None:
                 d_lse = d_lse * keep
             dz = torch.softmax(clean, dim=-1) * d_lse.unsqueeze(1)

@@ -115,9 +115,9 @@ def _whole(x: Tensor, weight: Tensor) -> bool:
 
 def _merged_scratch(g: Tensor, weight: Tensor) -> Tensor:
     """Merged weights [G, out, in] of all groups, in the scratch memory (see buffers.scratch)."""
-    n, out_f, in_f = weight.shape
+    _, out_f, in_f = weight.shape
     w = scratch(g.size(0) * out_f * in_f, weight.dtype, weight.device).view(g.size(0), -1)
-    return torch.mm(g, weight.view(n, -1), out=w).view(-1, out_f, in_f)
+    return _merge_rows(g, weight, 0, out_f, w).view(-1, out_f, in_f)
 
 
 def _whole_forward(x, g, weight, bias):

@@ -89,7 +89,7 @@ class Router(nn.Module):
         self.w_noise = nn.Parameter(torch.zeros(input_dim, cfg.experts))
         self.default_logits = nn.Parameter(torch.zeros(cfg.experts))
         self.aux_loss: Optional[Tensor] = None
-        self.summary: Optional[Tensor] = None  # [N + 3]: importance, balance, z-loss, groups
+        self.summary: Optional[Tensor] = None  # [N + 2]: importance, balance, z-loss
 
     @property
     def stats(self) -> Dict[str, Tensor]:
@@ -198,8 +198,7 @@ class Router(nn.Module):
         zl = losses.z_loss(real(clean)) if cfg.z_loss_weight > 0 else zero
         self.aux_loss = cfg.balance_weight * balance + cfg.z_loss_weight * zl
         with torch.no_grad():
-            count = gates.new_tensor(float(gates.size(0))) if keep is None else keep.sum()
-            self.summary = torch.cat([gates.sum(0), torch.stack([balance, zl, count])])
+            self.summary = torch.cat([gates.sum(0), torch.stack([balance, zl])])
 
     # ---- granularities ------------------------------------------------------------------
     def forward(
@@ -357,10 +356,10 @@ class Router(nn.Module):
 
 
 def summarize(summaries: Tensor) -> Dict[str, Tensor]:
-    """Routing statistics of R routers from their summaries [R, N + 3] (one batch of ops for all):
+    """Routing statistics of R routers from their summaries [R, N + 2] (one batch of ops for all):
     balance [R] and z_loss [R] (unweighted losses), fraction [R, N] (each expert's share of the
     gate mass over the real groups) and entropy [R] of that share."""
-    n = summaries.size(1) - 3
+    n = summaries.size(1) - 2
     imp = summaries[:, :n]
     frac = imp / imp.sum(1, keepdim=True)
     ent = -(frac * frac.clamp(min=1e-12).log()).sum(1)
