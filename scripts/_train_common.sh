@@ -6,6 +6,7 @@
 # then calls `parse_train_args "$@"` and `run_train`. The final command is
 #   [launcher] python -m fairseq_cli.train DATA --user-dir meo_fairseq --save-dir DIR --arch A
 #              RECIPE... [--moe-upcycle-from CKPT] DEVICE... EXTRA...
+# (python -m meo_fairseq.train instead of fairseq_cli.train for --bf16: see run_train)
 # so every option in EXTRA (anything the script does not know itself) comes last and overrides the
 # recipe (argparse keeps the last value of a repeated option).
 
@@ -14,7 +15,8 @@ USER_DIR="$REPO_DIR/meo_fairseq"
 # the devices paragraph of every train script's --help (how run_train picks devices)
 DEVICES_HELP='Devices: with GPUs visible (CUDA_VISIBLE_DEVICES), fairseq trains on all of them
 (--distributed-world-size = their number; fairseq spawns one process per GPU) with --fp16
-(MEO_BF16=1: --bf16). MEO_LAUNCHER=torchrun launches with torchrun instead (MEO_TORCHRUN_ARGS
+(MEO_BF16=1: --bf16, run by python -m meo_fairseq.train since fairseq-train takes --bf16 for
+--tpu). MEO_LAUNCHER=torchrun launches with torchrun instead (MEO_TORCHRUN_ARGS
 replaces "--standalone --nproc_per_node N", e.g. for several nodes). Without a GPU: --cpu.'
 # the scorers are run as `python -m meo_fairseq.scoring...`: make the checkout importable
 export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
@@ -172,7 +174,14 @@ run_train() {
   device_args
   local cmd=("${LAUNCH[@]+"${LAUNCH[@]}"}")
   (( ${#cmd[@]} )) || cmd=("$PY")
-  cmd+=(-m fairseq_cli.train "$DATA" --user-dir "$USER_DIR" --save-dir "$SAVE_DIR" --arch "$ARCH"
+  # fairseq-train's parser turns --bf16 into --tpu (fairseq issue #4696): bfloat16 training runs
+  # through meo_fairseq.train, fairseq-train with --tpu left to mean what it says
+  local module=fairseq_cli.train a
+  for a in "${DEVICE[@]+"${DEVICE[@]}"}" "${EXTRA[@]+"${EXTRA[@]}"}"; do
+    [[ "$a" != --bf16 && "$a" != --memory-efficient-bf16 ]] || module=meo_fairseq.train
+  done
+  ! has_opt --tpu || module=fairseq_cli.train
+  cmd+=(-m "$module" "$DATA" --user-dir "$USER_DIR" --save-dir "$SAVE_DIR" --arch "$ARCH"
         "${RECIPE[@]}")
   [[ -z "$UPCYCLE" ]] || cmd+=(--moe-upcycle-from "$UPCYCLE")
   cmd+=("${DEVICE[@]+"${DEVICE[@]}"}" "${EXTRA[@]+"${EXTRA[@]}"}")

@@ -50,8 +50,9 @@ def env() -> Dict[str, str]:
 
 
 def command(tool: str, args: Sequence) -> List[str]:
-    """``python -m fairseq_cli.<tool> args...`` (tool: train, preprocess, generate, ...)."""
-    return [sys.executable, "-m", f"fairseq_cli.{tool}", *map(str, args)]
+    """``python -m fairseq_cli.<tool> args...`` (tool: train, preprocess, generate, ...); a dotted
+    tool is a module of its own (``meo_fairseq.train``)."""
+    return [sys.executable, "-m", tool if "." in tool else f"fairseq_cli.{tool}", *map(str, args)]
 
 
 @dataclass

@@ -14,10 +14,12 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli_utils import (
     ADAM,
     LM_COMMON,
+    REPO,
     MOE_SMALL,
     SGD_LR0,
     USER_DIR,
@@ -290,3 +292,21 @@ def test_resume_after_sigkill(lm_bin, tmp_path):
     assert rows[0]["loss"] < first_rows[0]["loss"] - 1.0, (rows[0], first_rows[0])
     assert f"Stopping training due to num_updates: {max_update} >= max_update: {max_update}" in log2
     assert train_epoch_stats(log2)[-1]["num_updates"] == max_update
+
+
+# ---- 6. bfloat16 training (python -m meo_fairseq.train) -------------------------------------
+
+
+def test_bf16_training_entry_point(lm_bin, tmp_path):
+    """fairseq-train takes --bf16 for --tpu and fails without torch_xla; meo_fairseq.train runs
+    the same options as fairseq's own training, in bfloat16 (here on the CPU)."""
+    args = [lm_bin, "--user-dir", USER_DIR, *ARCH, *LM_RUNS["meo_sequence"], *LM_COMMON, *ADAM, "--bf16",
+            "--max-update", 4, "--save-dir", tmp_path / "ckpt"]
+    plain = run("train", args, cwd=REPO, check=False)
+    assert plain.returncode != 0 and "xla" in plain.stderr
+    rows = train_inner(run("meo_fairseq.train", args, cwd=REPO).log)
+    assert [r["num_updates"] for r in rows] == [1, 2, 3, 4] and all(finite(r["loss"]) for r in rows)
+    state = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    experts = [v for k, v in state["model"].items() if k.endswith("experts.weight")]
+    # the model ran in bf16 (fairseq saves half-precision weights as fp32): every weight is a bf16 value
+    assert experts and all(torch.equal(v.bfloat16().float(), v) and v.abs().sum() > 0 for v in experts)

@@ -245,12 +245,15 @@ def test_gpu_command_lines(tmp_path):
     assert argv[:3] == [sys.executable, "-m", "fairseq_cli.train"]  # fairseq spawns one process per GPU
     argv = printed_command(ok(run_script("train_wikitext.sh", *base, MEO_NUM_GPUS="4", MEO_BF16="1")))
     assert "--bf16" in argv and "--fp16" not in argv
+    assert argv[:3] == [sys.executable, "-m", "meo_fairseq.train"]  # fairseq-train would take --bf16 for --tpu
+    argv = printed_command(ok(run_script("train_wikitext.sh", *base, "--bf16", "--tpu", MEO_NUM_GPUS="0")))
+    assert argv[:3] == [sys.executable, "-m", "fairseq_cli.train"]  # a TPU run is fairseq's own
     argv = printed_command(ok(run_script("train_wikitext.sh", *base, MEO_NUM_GPUS="2", MEO_LAUNCHER="torchrun")))
     assert argv[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
     assert argv[7] == "fairseq_cli.train"
     # an explicit precision or --cpu wins
     argv = printed_command(ok(run_script("train_wikitext.sh", *base, "--bf16", MEO_NUM_GPUS="1")))
-    assert "--fp16" not in argv and argv.count("--bf16") == 1
+    assert "--fp16" not in argv and argv.count("--bf16") == 1 and argv[2] == "meo_fairseq.train"
     argv = printed_command(ok(run_script("train_wikitext.sh", *base, "--cpu", MEO_NUM_GPUS="4")))
     assert "--fp16" not in argv and "--distributed-world-size" not in argv
 

@@ -304,15 +304,20 @@ def table(run: dict, meta: dict) -> str:
     lines += [head, "-" * len(head)]
     for v, r in res.items():
         q = r["ratio"]
-        s = f"{v:10s} {r['fwd_ms']:9.1f} {q['fwd']:7.2f} {r['fwd_bwd_ms']:11.1f} {q['fwd_bwd']:7.2f}"
+        s = f"{v:10s} {_ms(r['fwd_ms']):>9s} {q['fwd']:7.2f} {_ms(r['fwd_bwd_ms']):>11s} {q['fwd_bwd']:7.2f}"
         if has_mem:
             s += f" {r['peak_mb']:9.1f} {q['peak']:7.2f} {r['saved_mb']:9.1f} {q['saved']:7.2f}"
         lines.append(s)
     f = res.get("meo", {}).get("floor")
     if f:
-        lines.append(f"MEO memory-traffic floor: the experts ({f['experts_mb']:.0f} MB) read in {f['read_ms']:.1f} ms, their "
-                     f"gradients written in {f['write_ms']:.1f} ms -> fwd >= {f['fwd']:.2f}x, fwd+bwd >= {f['fwd_bwd']:.2f}x dense")
+        lines.append(f"MEO memory-traffic floor: the experts ({f['experts_mb']:.0f} MB) read in {_ms(f['read_ms'])} ms, their "
+                     f"gradients written in {_ms(f['write_ms'])} ms -> fwd >= {f['fwd']:.2f}x, fwd+bwd >= {f['fwd_bwd']:.2f}x dense")
     return "\n".join(lines)
+
+
+def _ms(v: float) -> str:
+    """Milliseconds to 0.1 ms, or to three significant digits below 10 ms (GPU timings)."""
+    return f"{v:.1f}" if v >= 10 else f"{v:.3g}"
 
 
 def _ints(s: str) -> List[int]:

@@ -46,6 +46,13 @@ MERGE_BLOCK_BYTES = 16 * 2**20
 # ... with at least this many rows (narrower matmuls lose more than the cache gains), unless
 # MERGE_CHUNK_BYTES itself is below MERGE_BLOCK_BYTES (then blocks fit in MERGE_CHUNK_BYTES).
 MERGE_MIN_ROWS = 128
+# On a GPU small layers pay per kernel launch, not per cache miss: larger blocks, fewer calls
+# (the block is still the only merged memory alive, and the caching allocator reuses it).
+MERGE_BLOCK_BYTES_CUDA = 64 * 2**20
+
+
+def _block_bytes(t: Tensor) -> int:
+    return MERGE_BLOCK_BYTES_CUDA if t.device.type == "cuda" else MERGE_BLOCK_BYTES
 
 
 def merge_weights(gates: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
@@ -74,9 +81,10 @@ def _chunks(num_groups: int, weight: Tensor):
 def _row_blocks(groups: int, weight: Tensor):
     """Blocks (start, stop) of output rows, even in size, for a chunk of ``groups`` groups."""
     _, out_f, in_f = weight.shape
-    budget = min(MERGE_BLOCK_BYTES, MERGE_CHUNK_BYTES)
+    block = _block_bytes(weight)
+    budget = min(block, MERGE_CHUNK_BYTES)
     rows = budget // max(groups * in_f * weight.element_size(), 1)
-    if budget >= MERGE_BLOCK_BYTES:  # (a tiny MERGE_CHUNK_BYTES asks for tiny blocks)
+    if budget >= block:  # (a tiny MERGE_CHUNK_BYTES asks for tiny blocks)
         rows = max(rows, MERGE_MIN_ROWS)
     rows = max(1, min(out_f, rows))
     if rows < out_f:  # even blocks
@@ -110,7 +118,7 @@ def _merge_rows(g: Tensor, weight: Tensor, r0: int, r1: int, out: Tensor) -> Ten
 def _whole(x: Tensor, weight: Tensor) -> bool:
     """Small enough to merge all groups' whole weights at once: the same products as the blocked
     path with one chunk and one block, in a few calls (small layers are bound by per-call costs)."""
-    return x.size(0) * weight[0].numel() * weight.element_size() <= min(MERGE_BLOCK_BYTES, MERGE_CHUNK_BYTES)
+    return x.size(0) * weight[0].numel() * weight.element_size() <= min(_block_bytes(weight), MERGE_CHUNK_BYTES)
 
 
 def _merged_scratch(g: Tensor, weight: Tensor) -> Tensor:
