@@ -35,12 +35,11 @@ def _cv2_and_grad(v: Tensor, eps: float = 1e-10):
     n = v.size(1)
     if n <= 1:
         return v.new_zeros(v.size(0)), torch.zeros_like(v)
-    mu = v.mean(1, keepdim=True)
-    dev = v - mu
-    var = dev.pow(2).sum(1, keepdim=True) / (n - 1)
-    den = mu * mu + eps
+    var, mu = torch.var_mean(v, 1, keepdim=True)  # (unbiased)
+    den = mu.square().add_(eps)
     cv2 = var / den
-    grad = (2.0 / (n - 1)) * dev / den - (2.0 / n) * var * mu / (den * den)
+    # d/dv = 2 (v - mu) / ((n-1) den) - 2 var mu / (n den^2) = 2 / den * ((v - mu) / (n-1) - cv2 mu / n)
+    grad = torch.addcmul((v - mu).mul_(1.0 / (n - 1)), cv2, mu, value=-1.0 / n).mul_(2.0).div_(den)
     return cv2.squeeze(1), grad
 
 
@@ -59,8 +58,8 @@ class NoisyTopKGating(torch.autograd.Function):
         noisy = noise is not None
         if noisy:
             raw = inp @ w_noise
-            std = F.softplus(raw) + NOISE_EPS
-            logits = clean + noise * std
+            std = F.softplus(raw).add_(NOISE_EPS)
+            logits = torch.addcmul(clean, noise, std)
         else:
             raw = std = None
             logits = clean
@@ -69,39 +68,38 @@ class NoisyTopKGating(torch.autograd.Function):
         w = torch.softmax(top_v[:, :k], dim=-1)
         idx = top_i[:, :k]
         gates = logits.new_zeros(g_rows, n).scatter_(1, idx, w)
-        kw = keep.unsqueeze(1) if keep is not None else None  # [G, 1]
-        imp = (kw * gates).sum(0) if kw is not None else gates.sum(0)
+        imp = keep @ gates if keep is not None else gates.sum(0)
         saved = {}
-        aux = clean.new_zeros(())
-        bal = clean.new_zeros(())
+        zero = clean.new_zeros(()) if (balance != "cv" or z_weight <= 0) else None
+        aux = bal = zl = zero
         if balance == "cv":
             if smooth:
                 thr_in, thr_out = top_v[:, k : k + 1], top_v[:, k - 1 : k]
                 is_in = logits > thr_in
-                z = torch.where(is_in, clean - thr_in, clean - thr_out) / std
+                z = (clean - torch.where(is_in, thr_in, thr_out)).div_(std)
                 load_p = torch.special.ndtr(z)
                 saved.update(z=z, is_in=is_in)
             else:
                 load_p = (gates > 0).to(gates.dtype)
-            load = (kw * load_p).sum(0) if kw is not None else load_p.sum(0)
+            load = keep @ load_p if keep is not None else load_p.sum(0)
             cv2, dcv2 = _cv2_and_grad(torch.stack([imp, load]))
             bal = cv2.sum()
-            aux = aux + balance_weight * bal
+            aux = bal * balance_weight
             saved.update(dcv2=dcv2)
-        zl = clean.new_zeros(())
         count = None
         if z_weight > 0:
             count = (keep.sum() if keep is not None else clean.new_tensor(float(g_rows))).clamp(min=1.0)
             lse = torch.logsumexp(clean, dim=-1)  # [G]
             sq = lse * lse
-            zl = ((kw.squeeze(1) * sq).sum() if kw is not None else sq.sum()) / count
-            aux = aux + z_weight * zl
+            zl = (keep @ sq if keep is not None else sq.sum()) / count
+            aux = z_weight * zl if aux is zero else aux + z_weight * zl
             saved.update(lse=lse)
         ctx.k, ctx.balance, ctx.bw, ctx.zw, ctx.smooth, ctx.noisy = k, balance, balance_weight, z_weight, smooth, noisy
         ctx.saved = saved
         ctx.save_for_backward(inp, w_gate, w_noise if noisy else None, noise, keep, clean, raw, std, w, top_i, count)
         stats = torch.cat([imp, torch.stack([bal, zl])]).detach()
         ctx.mark_non_differentiable(idx, stats)
+        ctx.set_materialize_grads(False)  # (unused outputs' gradients arrive as None, not zeros)
         return gates, w, idx, aux, stats
 
     @staticmethod
@@ -126,18 +124,16 @@ class NoisyTopKGating(torch.autograd.Function):
             g_wk = g_wk + g_w
         g_top = w * (g_wk - (w * g_wk).sum(1, keepdim=True))
         g_logits = clean.new_zeros(g_rows, n).scatter_(1, idx, g_top)
-        g_std = None
         if ctx.smooth:  # (noisy CV loss)
             z, is_in = s["z"], s["is_in"]
             d_p = d_load.unsqueeze(0) if kw is None else kw * d_load  # dAux/dP [G, N]
-            d_z = d_p * (torch.exp(-0.5 * z * z) * _INV_SQRT_2PI) / std  # dAux/d(numerator)
+            d_z = torch.exp(z.square().mul_(-0.5)).mul_(d_p * _INV_SQRT_2PI).div_(std)  # dAux/d(numerator)
             g_clean = d_z
-            g_std = -d_z * z
-            # the thresholds are the (k+1)-th and k-th noisy logits
-            d_in = -(d_z * is_in).sum(1, keepdim=True)
-            d_out = -(d_z.sum(1, keepdim=True) + d_in)  # (sum over the rest, negated)
-            g_logits.scatter_add_(1, top_i[:, k : k + 1], d_in)
-            g_logits.scatter_add_(1, top_i[:, k - 1 : k], d_out)
+            # the thresholds are the (k+1)-th and k-th noisy logits: each takes minus the sum of
+            # d_z over the experts measured against it
+            d_in = (d_z * is_in).sum(1, keepdim=True)
+            d_out = d_in - d_z.sum(1, keepdim=True)
+            g_logits.scatter_add_(1, top_i[:, k - 1 : k + 1], torch.cat([d_out, d_in.neg_()], 1))
         if ctx.zw > 0:
             d_lse = (g_aux * ctx.zw * 2.0) * s["lse"] / count
             if keep is not None:
@@ -147,8 +143,9 @@ class NoisyTopKGating(torch.autograd.Function):
         g_clean = g_logits if g_clean is None else g_clean + g_logits
         g_raw = None
         if ctx.noisy:
-            gs = g_logits * noise
-            g_std = gs if g_std is None else g_std + gs
+            g_std = g_logits * noise
+            if ctx.smooth:
+                g_std.addcmul_(d_z, s["z"], value=-1.0)
             # softplus' = sigmoid (beyond softplus's threshold of 20 the slope is 1, and so is the
             # fp32 sigmoid there)
             g_raw = g_std * torch.sigmoid(raw)
