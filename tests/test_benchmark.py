@@ -202,6 +202,9 @@ def test_peak_memory_excludes_parameter_gradients():
         assert peak > 0
         if v == "meo":  # the kept scratch memory (merged weights) is counted in full
             assert scratch_bytes() >= 4 * b * d * f and peak >= scratch_bytes()
+        if v == "moe-token":  # so are compute-then-mix's kept outputs and input gradients (fp32)
+            kept = LY.kept_bytes(m)
+            assert kept == 4 * b * t * (f + d) * 2 and peak >= kept
         if v != "dense":
             # the expert gradients (8 experts) alone are larger than anything else in the step
             assert peak < grads

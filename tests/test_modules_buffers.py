@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from meo_fairseq.modules import MoEConfig, MoEFFN, merged_linear, mix_linear
-from meo_fairseq.modules.buffers import GradBuffer, release_scratch, scratch, scratch_bytes
+from meo_fairseq.modules.buffers import GradBuffer, kept_zeros, release_scratch, scratch, scratch_bytes
 
 D = torch.float64
 
@@ -29,11 +29,26 @@ def test_get_reuses_storage_only_when_released():
     assert e.dtype == torch.float32
 
 
+def test_slots_are_independent_and_kept_zeros_are_zeros():
+    buf = GradBuffer()
+    a = buf.get((3, 4), D, "cpu")
+    b = buf.get((3, 4), D, "cpu", slot="out")  # another slot: its own storage, even with `a` alive
+    assert a.data_ptr() != b.data_ptr()
+    ptr_b = b.data_ptr()
+    b.fill_(7.0)
+    del b
+    z = kept_zeros(buf, "out", (3, 4), torch.ones(1, dtype=D))
+    assert z.data_ptr() == ptr_b and torch.equal(z, torch.zeros(3, 4, dtype=D))  # reused, and zeroed
+    z2 = kept_zeros(buf, "out", (3, 4), torch.ones(1, dtype=D))  # `z` alive: fresh zeros
+    assert z2.data_ptr() != ptr_b and torch.equal(z2, torch.zeros(3, 4, dtype=D))
+    assert kept_zeros(None, "out", (2,), torch.ones(1)).tolist() == [0.0, 0.0]
+
+
 def test_copies_and_pickles_start_empty():
     buf = GradBuffer()
     t = buf.get((2, 2), D, "cpu")
     for other in (copy.deepcopy(buf), pickle.loads(pickle.dumps(buf))):
-        assert other._storage is None
+        assert other._slots == {}
         assert other.get((2, 2), D, "cpu").data_ptr() != t.data_ptr()
 
 
@@ -61,8 +76,13 @@ def test_training_steps_reuse_gradient_memory_and_stay_exact(mode, level):
         for n in want:
             torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-12)
         now = (m.fc1.experts.weight.grad.data_ptr(), m.fc2.experts.weight.grad.data_ptr())
+        if mode == "moe":  # compute-then-mix also keeps its outputs' and input gradients' memory
+            slots = [e.grad_buffer._slots for e in (m.fc1.experts, m.fc2.experts)]
+            # (x needs no gradient here, so fc1 computes no input gradient)
+            assert slots[0].keys() == {"grad", "out"} and slots[1].keys() == {"grad", "out", "grad_in"}
+            now += tuple(sl[k][0].data_ptr() for sl in slots for k in sorted(sl))
         if ptrs is not None:
-            assert now == ptrs  # the freed gradient's memory was used again
+            assert now == ptrs  # the freed memory was used again
         ptrs = now
         del got, want  # (nobody holds the gradients any more once .grad is reset)
 
@@ -151,3 +171,22 @@ def test_merged_linear_is_exact_whether_the_scratch_is_free_or_held(monkeypatch,
             assert float(keep[0]) == 7.0  # never written by the layer
         else:
             assert scratch_bytes() > 0  # the layer used the scratch
+
+
+def test_kept_output_is_never_overwritten():
+    """An output of compute-then-mix that the caller still holds keeps its values when the layer
+    runs again (the second call gets fresh memory), and a released one is reused."""
+    torch.manual_seed(2)
+    weight, bias = torch.randn(3, 4, 5, dtype=D), torch.randn(3, 4, dtype=D)
+    buf = GradBuffer()
+    x = torch.randn(6, 5, dtype=D)
+    idx = torch.tensor([[0, 1], [1, 2], [2, 0]] * 2)
+    w = torch.full((6, 2), 0.5, dtype=D)
+    y1 = mix_linear(x, idx, w, weight, bias, buf)
+    keep, ptr = y1.clone(), y1.data_ptr()
+    y2 = mix_linear(2 * x, idx, w, weight, bias, buf)
+    assert y2.data_ptr() != ptr and torch.equal(y1, keep)
+    torch.testing.assert_close(y2, mix_linear(2 * x, idx, w, weight, bias))
+    del y1, y2
+    y3 = mix_linear(x, idx, w, weight, bias, buf)
+    assert y3.data_ptr() == ptr and torch.equal(y3, keep)

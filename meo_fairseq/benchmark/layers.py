@@ -26,7 +26,8 @@ Measures
   same as the parameters; what the measure compares is the working and activation memory that
   a layer's implementation decides (for MEO: merged weights, saved tensors, backward buffers).
   The scratch memory that MEO keeps between calls (``modules.buffers.scratch``, allocated in the
-  warm-up step) is added whole, as if it were live for the whole step.
+  warm-up step) and the output and input-gradient memory that vanilla MoE's linears keep
+  (``GradBuffer`` slots) are added whole, as if they were live for the whole step.
   The allocator-level definition is the same on CPU and CUDA.
 * ``floor`` (MEO): the memory traffic that any implementation of an MEO training step adds to
   the dense one, timed with plain streaming ops in the same run. With fp32 experts and
@@ -56,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modules import MoEConfig, MoEFFN, Router
-from ..modules.buffers import release_scratch, scratch_bytes
+from ..modules.buffers import GradBuffer, release_scratch, scratch_bytes
 
 VARIANTS = ("dense", "moe-token", "moe-seq", "meo", "meo-token")
 SHAPES = ((16, 128), (4, 512))
@@ -197,9 +198,15 @@ def peak_memory(m: MoEFFN, x, probe) -> int:
         elif addr in sizes:
             cur -= sizes.pop(addr)
         peak = max(peak, cur)
-    # the scratch storage (buffers.scratch) was allocated in the warm-up and stays allocated: it
-    # is part of the layer's working memory for the whole step
-    return peak + scratch_bytes()
+    # the scratch storage (buffers.scratch) and the kept outputs and input gradients (the
+    # GradBuffer slots other than the weight gradient) were allocated in the warm-up and stay
+    # allocated: they are part of the layer's working memory for the whole step
+    return peak + scratch_bytes() + kept_bytes(m)
+
+
+def kept_bytes(m) -> int:
+    """Bytes the layer's GradBuffers keep between steps besides the weight gradients."""
+    return sum(mod.grad_buffer.kept_bytes() for mod in m.modules() if isinstance(getattr(mod, "grad_buffer", None), GradBuffer))
 
 
 def saved_bytes(m: MoEFFN, x) -> int:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .buffers import new_grad
+from .buffers import kept_zeros, new_grad
 
 
 def _plan(idx: Tensor, n: int):
@@ -61,30 +61,49 @@ def dispatch(
 
 class MixLinearFunction(torch.autograd.Function):
     """Compute-then-mix over linear experts with gradients written straight into [N, out, in]
-    (autograd over per-expert slices would zero-fill and concatenate a full gradient)."""
+    (autograd over per-expert slices would zero-fill and concatenate a full gradient).
+
+    The gates multiply the narrow side of each linear in backward: with out > in (fc1) the
+    input-side tensors (the input gradient, the inputs for the weight gradient), with out <= in
+    (fc2) the output-side ones, the gate gradient coming from the ungated outputs kept from
+    forward (narrow there). Every per-row product then touches ``min(in, out)`` columns."""
 
     @staticmethod
     def forward(ctx, x, w, weight, bias, idx, grad_buffer=None):
         order, token, counts = _plan(idx, weight.size(0))
         gate = w.reshape(-1).index_select(0, order).to(x.dtype)
-        out = x.new_zeros(x.size(0), weight.size(1))
+        out = kept_zeros(grad_buffer, "out", (x.size(0), weight.size(1)), x)
+        # out <= in: keep the ungated outputs [pairs, out] (sorted by expert) for the gate gradient
+        keep = weight.size(1) <= weight.size(2) and ctx.needs_input_grad[1]
+        ys = x.new_empty(order.numel(), weight.size(1)) if keep else None
         start = 0
         for e, c in enumerate(counts):
             if c:
                 tok = token[start : start + c]
-                ye = F.linear(x.index_select(0, tok), weight[e], bias[e] if bias is not None else None)
-                out.index_add_(0, tok, ye.mul_(gate[start : start + c].unsqueeze(1)))
+                ge = gate[start : start + c].unsqueeze(1)
+                xe = x.index_select(0, tok)
+                if ys is None:
+                    ye = F.linear(xe, weight[e], bias[e] if bias is not None else None)
+                    out.index_add_(0, tok, ye.mul_(ge))
+                else:
+                    ye = ys[start : start + c]
+                    if bias is not None:
+                        torch.addmm(bias[e], xe, weight[e].t(), out=ye)
+                    else:
+                        torch.mm(xe, weight[e].t(), out=ye)
+                    out.index_add_(0, tok, ye * ge)
             start += c
-        ctx.save_for_backward(x, w, weight, bias, order, token)
+        ctx.save_for_backward(x, w, weight, bias, order, token, ys)
         ctx.counts, ctx.grad_buffer = counts, grad_buffer
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w, weight, bias, order, token = ctx.saved_tensors
+        x, w, weight, bias, order, token, ys = ctx.saved_tensors
         need_x, need_w, need_weight, need_bias = ctx.needs_input_grad[:4]
+        wide = weight.size(1) > weight.size(2)  # out > in
         gate = w.reshape(-1).index_select(0, order).to(x.dtype)
-        gx = torch.zeros_like(x) if need_x else None
+        gx = kept_zeros(ctx.grad_buffer, "grad_in", x.shape, x) if need_x else None
         gweight = None
         if need_weight:  # every expert with tokens is written whole below
             gweight = new_grad(ctx.grad_buffer, weight)
@@ -99,20 +118,31 @@ class MixLinearFunction(torch.autograd.Function):
                 continue
             sl = slice(start, start + c)
             tok = token[sl]
+            ge = gate[sl].unsqueeze(1)
             go = grad_out.index_select(0, tok)  # [c, out]: dL/d(gated expert output)
-            xe = x.index_select(0, tok)
-            g_in = go @ weight[e] if (need_x or need_w) else None  # [c, in]
-            if need_w:  # dL/dgate = <go, x W^T + b> = <go W, x> + <go, b>, without recomputing
-                ggate[sl] = torch.linalg.vecdot(g_in, xe)
-                if bias is not None:
-                    ggate[sl] += go @ bias[e]
-            if need_x:
-                gx.index_add_(0, tok, g_in.mul_(gate[sl].unsqueeze(1)))
-            dy = go.mul_(gate[sl].unsqueeze(1))  # dL/d(expert output)
-            if need_weight:
-                torch.mm(dy.t(), xe, out=gweight[e])
-            if gbias is not None:
-                gbias[e] = dy.sum(0)
+            xe = x.index_select(0, tok) if (need_weight or (need_w and wide)) else None
+            if wide:
+                g_in = go @ weight[e] if (need_x or need_w) else None  # [c, in]
+                if need_w:  # dL/dgate = <go, x W^T + b> = <go W, x> + <go, b>, without recomputing
+                    ggate[sl] = torch.linalg.vecdot(g_in, xe)
+                    if bias is not None:
+                        ggate[sl] += go @ bias[e]
+                if need_x:
+                    gx.index_add_(0, tok, g_in.mul_(ge))
+                if need_weight:  # (g go)^T x = go^T (g x)
+                    torch.mm(go.t(), xe * ge, out=gweight[e])
+                if gbias is not None:
+                    gbias[e] = go.t() @ gate[sl]
+            else:
+                if need_w:  # dL/dgate = <go, x W^T + b>, the ungated output kept from forward
+                    ggate[sl] = torch.linalg.vecdot(go, ys[sl])
+                dy = go.mul_(ge)  # dL/d(expert output)
+                if need_x:
+                    gx.index_add_(0, tok, dy @ weight[e])
+                if need_weight:
+                    torch.mm(dy.t(), xe, out=gweight[e])
+                if gbias is not None:
+                    gbias[e] = dy.sum(0)
             start += c
         gw = None
         if need_w:
