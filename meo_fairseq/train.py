@@ -16,14 +16,6 @@ import sys
 from typing import List, Optional
 
 
-def bf16_without_tpu(args, argv: List[str]) -> bool:
-    """Undo fairseq's "--bf16 implies --tpu" unless --tpu was asked for; True if it did."""
-    if getattr(args, "bf16", False) and getattr(args, "tpu", False) and "--tpu" not in argv:
-        args.tpu = False
-        return True
-    return False
-
-
 def cli_main(argv: Optional[List[str]] = None) -> None:
     # fairseq-train's log format (its basicConfig is a no-op once importing fairseq has logged)
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
@@ -34,12 +26,13 @@ def cli_main(argv: Optional[List[str]] = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = options.get_training_parser()
+    if {"--bf16", "--memory-efficient-bf16"} & set(argv) and {"--fp16", "--memory-efficient-fp16"} & set(argv):
+        parser.error("--bf16 and --fp16 exclude each other")  # (fairseq would say "--fp16 and --tpu")
     args = options.parse_args_and_arch(parser, input_args=argv)
     if args.use_plasma_view or args.profile:
         parser.error("--use-plasma-view and --profile are not supported here: use fairseq-train")
-    bf16_without_tpu(args, argv)
-    if args.bf16 and args.fp16:
-        parser.error("--bf16 and --fp16 exclude each other")
+    if args.bf16 and "--tpu" not in argv:  # undo fairseq's "--bf16 implies --tpu"
+        args.tpu = False
     cfg = convert_namespace_to_omegaconf(args)
     distributed_utils.call_main(cfg, train.main)
 

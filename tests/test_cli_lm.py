@@ -306,6 +306,8 @@ def test_bf16_training_entry_point(lm_bin, tmp_path):
     assert plain.returncode != 0 and "xla" in plain.stderr
     rows = train_inner(run("meo_fairseq.train", args, cwd=REPO).log)
     assert [r["num_updates"] for r in rows] == [1, 2, 3, 4] and all(finite(r["loss"]) for r in rows)
+    both = run("meo_fairseq.train", [*args, "--fp16"], cwd=REPO, check=False)
+    assert both.returncode == 2 and "--bf16 and --fp16 exclude each other" in both.stderr
     state = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     experts = [v for k, v in state["model"].items() if k.endswith("experts.weight")]
     # the model ran in bf16 (fairseq saves half-precision weights as fp32): every weight is a bf16 value

@@ -12,6 +12,7 @@ import torch
 from meo_fairseq.benchmark.layers import build
 from meo_fairseq.modules import MoEConfig, Router
 import meo_fairseq.modules.merge as M
+from cli_utils import REPO, USER_DIR, eval_lm, finite, hypotheses, preprocess_lm, preprocess_seq2seq, run, train_inner, write_seq2seq_text
 from meo_fairseq.modules.merge import merged_linear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -136,8 +137,6 @@ def test_fused_gating_on_cuda_equals_reference(balance):
 
 
 # ---- fairseq on the GPU --------------------------------------------------------------------
-
-from cli_utils import REPO, USER_DIR, eval_lm, finite, hypotheses, preprocess_lm, preprocess_seq2seq, run, train_inner, write_seq2seq_text  # noqa: E402
 
 UPDATES = 12
 
