@@ -33,9 +33,11 @@ def cfg(mode):
 # ---- FLOPs: single layers, by hand -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shape", [(DIN, DOUT), (DOUT, DIN)])  # (in, out): narrowing, widening
 @pytest.mark.parametrize("bias", [True, False])
-def test_expert_linear_flops_by_hand(bias):
+def test_expert_linear_flops_by_hand(bias, shape):
     torch.manual_seed(0)
+    DIN, DOUT = shape  # noqa: N806
     x = torch.randn(B, T, DIN)
     dense = FL.count_flops(ExpertLinear(DIN, DOUT, cfg("dense"), bias=bias).eval(), x)
     moe = FL.count_flops(randomize_routers_(ExpertLinear(DIN, DOUT, cfg("moe"), bias=bias)), x)
@@ -44,8 +46,10 @@ def test_expert_linear_flops_by_hand(bias):
 
     assert dense.counter == 2 * B * T * DOUT * DIN
     assert dense.merges == 0 and dense.merge_seen == 0
-    # vanilla MoE: every token runs K experts; the token router is a [BT, DIN] x [DIN, N] product
-    assert moe.counter == K * 2 * B * T * DOUT * DIN + 2 * B * T * DIN * N
+    # vanilla MoE: every token runs K experts; the token router is a [BT, DIN] x [DIN, N] product;
+    # a widening linear adds its gated biases as one [BT, N] x [N, DOUT] product (dispatch.py)
+    mix_bias = 2 * B * T * N * DOUT if (bias and DOUT > DIN) else 0
+    assert moe.counter == K * 2 * B * T * DOUT * DIN + 2 * B * T * DIN * N + mix_bias
     assert moe.merges == 0
     # MEO: one merge per sequence, then one matmul per token; the router runs once per sequence
     assert meo.merges == 1
@@ -68,7 +72,8 @@ def test_moeffn_flops_by_hand():
     ffn = 2 * B * T * 2 * d * f
     p_ffn = 2 * d * f + d + f
     assert dense.counter == ffn
-    assert moe.counter == K * ffn + 2 * B * T * (d + f) * N
+    # routers, and fc1 (widening) adds its gated biases as one [BT, N] x [N, f] product
+    assert moe.counter == K * ffn + 2 * B * T * (d + f) * N + 2 * B * T * N * f
     assert meo.merges == 2
     assert meo.compute == ffn + 2 * B * (d + f) * N
     assert meo.merge_paper == B * K * p_ffn
@@ -99,7 +104,8 @@ def hand_bert(L, d, f, h, V, t, n, k):
     dense_macs = L * sum(per_layer.values()) + head
     return {
         "dense": 2 * dense_macs,
-        "moe": 2 * (dense_macs + L * ((k - 1) * per_layer["ffn"] + t * (d + f) * n)),
+        # routers, and fc1's gated biases as one [T, N] x [N, f] product (dispatch.py)
+        "moe": 2 * (dense_macs + L * ((k - 1) * per_layer["ffn"] + t * (d + f) * n + t * n * f)),
         "meo": 2 * (dense_macs + L * (d + f) * n) + L * k * (2 * d * f + d + f),
     }
 

@@ -72,6 +72,30 @@ def test_masked_mean_hand_values():
     assert masked_mean(x.half(), None).dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_masked_mean_gradient_matches_autograd_reference(dtype, padded):
+    b, t, d = 3, 5, 4
+    x = torch.randn(b, t, d).to(dtype)
+    pad = torch.tensor([[False] * 5, [False, False, True, True, True], [True] * 5]) if padded else None
+    g = torch.randn(b, d)
+    x1 = x.clone().requires_grad_(True)
+    y1 = masked_mean(x1, pad)
+    (y1 * g).sum().backward()
+    x2 = x.float().requires_grad_(True)
+    keep = torch.ones(b, t) if pad is None else (~pad).float()
+    y2 = (x2 * keep.unsqueeze(2)).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
+    (y2 * g).sum().backward()
+    assert y1.dtype == torch.float32 and x1.grad.dtype == dtype and x1.grad.shape == x.shape
+    torch.testing.assert_close(y1, y2)
+    tol = {} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(x1.grad.float(), x2.grad, **tol)
+    if padded:  # pad positions get no gradient
+        assert (x1.grad[pad] == 0).all()
+    # the same values without autograd
+    torch.testing.assert_close(masked_mean(x, pad), y1.detach())
+
+
 @pytest.mark.parametrize("t,seg", [(7, 3), (6, 3), (3, 3), (2, 3), (9, 1)])
 def test_segment_routing_routes_on_previous_segment(t, seg):
     b, d, n, k = 2, 6, 4, 2

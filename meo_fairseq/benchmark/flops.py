@@ -39,10 +39,11 @@ once, in one of two conventions:
   (``merge_gflops.paper_x2``) would give 28.95G (+1.2%), the dense product over N 30.31G (+6%).
 
 With these, BERT-base (12 x 768/3072, 12 heads, vocabulary 30,522, 128 tokens, 16 experts, top-4)
-gives dense 28.50G, vanilla MoE 72.18G (paper 72.0G, +0.25%; 0.19G of it are the token routers),
-MEO 28.73G (paper 28.6G). By hand: dense = 12 x (2T(4d^2 + 2 d ff) + 4 T^2 d) + 2T(d^2 + d V);
-vanilla MoE adds (k-1) x 2 x T x P_ffn per layer; MEO adds k x P_ffn per layer (see
-:func:`formula`).
+gives dense 28.50G, vanilla MoE 72.33G (paper 72.0G, +0.45%; 0.19G of it are the token routers
+and 0.15G the gated biases of fc1, which the dispatch adds for all tokens as one ``[T, N] x
+[N, ff]`` product), MEO 28.73G (paper 28.6G). By hand: dense = 12 x (2T(4d^2 + 2 d ff) + 4 T^2 d) +
+2T(d^2 + d V); vanilla MoE adds (k-1) x 2 x T x P_ffn per layer plus its routers and that product;
+MEO adds k x P_ffn per layer (see :func:`formula`).
 
 Sweep
 -----
@@ -283,7 +284,9 @@ def formula(layers: int, dim: int, ffn: int, heads: int, vocab: int, seq_len: in
     head = 2 * t * d * d + 2 * t * d * vocab
     p_ffn = 2 * d * f + d + f  # fc1 + fc2 weights and biases
     dense = layers * (attn + ffn_dense) + head
-    moe = dense + layers * ((k - 1) * ffn_dense + 2 * t * (d + f) * n)  # k experts per token + token routers
+    # k experts per token + token routers + fc1's gated biases as one [T, N] x [N, ff] product
+    # (dispatch.py adds the biases of a widening linear that way; biases are otherwise not counted)
+    moe = dense + layers * ((k - 1) * ffn_dense + 2 * t * (d + f) * n + 2 * t * n * f)
     meo_compute = dense + layers * 2 * (d + f) * n  # one merged expert + one router call per sequence
     return {
         "dense": dense,

@@ -59,13 +59,19 @@ class GradBuffer:
         self.__init__()
 
 
-def kept_zeros(buffer, slot: str, shape, like: Tensor) -> Tensor:
-    """Zeros of ``shape`` (dtype and device of ``like``) on the ``slot`` storage of ``buffer`` (a
-    GradBuffer) on the CPU, so that a large per-step tensor (a layer's output or input gradient)
-    faults its pages once, not at every step; fresh zeros without a buffer or off the CPU."""
+def kept_empty(buffer, slot: str, shape, like: Tensor) -> Tensor:
+    """An uninitialised tensor of ``shape`` (dtype and device of ``like``) on the ``slot`` storage
+    of ``buffer`` (a GradBuffer) on the CPU, so that a large per-step tensor (a layer's output or
+    input gradient) faults its pages once, not at every step; a fresh one without a buffer or off
+    the CPU."""
     if buffer is None or like.device.type != "cpu":
-        return like.new_zeros(shape)
-    return buffer.get(shape, like.dtype, like.device, slot).zero_()
+        return like.new_empty(shape)
+    return buffer.get(shape, like.dtype, like.device, slot)
+
+
+def kept_zeros(buffer, slot: str, shape, like: Tensor) -> Tensor:
+    """Zeros on a kept slot (see :func:`kept_empty`)."""
+    return kept_empty(buffer, slot, shape, like).zero_()
 
 
 def new_grad(buffer, like: Tensor) -> Tensor:

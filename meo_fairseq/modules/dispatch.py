@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .buffers import kept_zeros, new_grad
+from .buffers import kept_empty, kept_zeros, new_grad
 
 
 def _plan(idx: Tensor, n: int):
@@ -63,18 +63,27 @@ class MixLinearFunction(torch.autograd.Function):
     """Compute-then-mix over linear experts with gradients written straight into [N, out, in]
     (autograd over per-expert slices would zero-fill and concatenate a full gradient).
 
-    The gates multiply the narrow side of each linear in backward: with out > in (fc1) the
-    input-side tensors (the input gradient, the inputs for the weight gradient), with out <= in
-    (fc2) the output-side ones, the gate gradient coming from the ungated outputs kept from
-    forward (narrow there). Every per-row product then touches ``min(in, out)`` columns."""
+    The gates multiply the narrow side of each linear: with out > in (fc1) the input-side
+    tensors (forward: each expert's inputs, its bias added for all tokens at once by one
+    ``[M, N] x [N, out]`` product of the gates; backward: the input gradient and the inputs for
+    the weight gradient), with out <= in (fc2) the output-side ones, the gate gradient coming from
+    the ungated outputs kept from forward (narrow there). Every per-row product then touches
+    ``min(in, out)`` columns."""
 
     @staticmethod
     def forward(ctx, x, w, weight, bias, idx, grad_buffer=None):
         order, token, counts = _plan(idx, weight.size(0))
         gate = w.reshape(-1).index_select(0, order).to(x.dtype)
-        out = kept_zeros(grad_buffer, "out", (x.size(0), weight.size(1)), x)
+        wide = weight.size(1) > weight.size(2)  # out > in
+        if wide and bias is not None:
+            # the gated biases of every token at once, sum_j w_j b_{idx_j} = gates [M, N] x bias;
+            # the experts' products then run without bias and are gated on their (narrow) input
+            gates = w.new_zeros(idx.size(0), weight.size(0)).scatter_add_(1, idx, w).to(x.dtype)
+            out = torch.mm(gates, bias, out=kept_empty(grad_buffer, "out", (x.size(0), weight.size(1)), x))
+        else:
+            out = kept_zeros(grad_buffer, "out", (x.size(0), weight.size(1)), x)
         # out <= in: keep the ungated outputs [pairs, out] (sorted by expert) for the gate gradient
-        keep = weight.size(1) <= weight.size(2) and ctx.needs_input_grad[1]
+        keep = not wide and ctx.needs_input_grad[1]
         ys = x.new_empty(order.numel(), weight.size(1)) if keep else None
         start = 0
         for e, c in enumerate(counts):
@@ -82,7 +91,9 @@ class MixLinearFunction(torch.autograd.Function):
                 tok = token[start : start + c]
                 ge = gate[start : start + c].unsqueeze(1)
                 xe = x.index_select(0, tok)
-                if ys is None:
+                if wide:  # g (x W^T) = (g x) W^T: the gates multiply the narrow side
+                    out.index_add_(0, tok, torch.mm(xe.mul_(ge), weight[e].t()))
+                elif ys is None:
                     ye = F.linear(xe, weight[e], bias[e] if bias is not None else None)
                     out.index_add_(0, tok, ye.mul_(ge))
                 else:
