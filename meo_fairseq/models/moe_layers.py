@@ -8,6 +8,7 @@ layer's activation and activation dropout are identities. The layer hands the ro
 
 from typing import Optional
 
+import torch
 import torch.nn as nn
 from fairseq import utils
 from fairseq.incremental_decoding_utils import with_incremental_state
@@ -21,34 +22,55 @@ def _identity(x):
     return x
 
 
+class _RoutingInputs:
+    """What the layer hands its FFN before each call (see FairseqMoEFFN.set_routing_inputs)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = (None, None, None)
+
+    def __deepcopy__(self, memo):  # (inputs of one call, never copied with the module)
+        return _RoutingInputs()
+
+
 @with_incremental_state
 class FairseqMoEFFN(MoEFFN):
     """MoEFFN on fairseq's time-major tensors: forward(x [T, B, C]) -> [T, B, C]."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._inputs = (None, None, None)
+        # a plain holder: a module's own setattr costs more than the rest of a decoding step's FFN
+        self._inputs = _RoutingInputs()
 
     def set_routing_inputs(self, pad_mask: Optional[Tensor] = None, context: Optional[Tensor] = None, incremental_state=None):
         """pad_mask [B, T] (True = pad) or None; context [B, C_enc] or None; fairseq's incremental state."""
-        self._inputs = (pad_mask, context, incremental_state)
+        self._inputs.value = (pad_mask, context, incremental_state)
 
     def forward(self, x: Tensor) -> Tensor:
-        pad_mask, context, incremental_state = self._inputs
-        self._inputs = (None, None, None)
+        pad_mask, context, incremental_state = self._inputs.value
+        self._inputs.value = (None, None, None)
         state = None
         if incremental_state is not None:
             saved = self.get_incremental_state(incremental_state, "moe")
-            state = saved["state"] if saved is not None else {}
+            if saved is None:  # (the layers update the state dict in place: stored once)
+                saved = {"state": {}}
+                self.set_incremental_state(incremental_state, "moe", saved)
+            state = saved["state"]
+            saved["rows"] = x.size(1)
         y = MoEFFN.forward(self, x.transpose(0, 1), pad_mask, context, state)
-        if incremental_state is not None:
-            self.set_incremental_state(incremental_state, "moe", {"state": state})
         return y.transpose(0, 1)
 
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
         saved = self.get_incremental_state(incremental_state, "moe")
-        if saved is not None:
-            self.set_incremental_state(incremental_state, "moe", {"state": reorder_state(saved["state"], new_order)})
+        if saved is None:
+            return
+        n = new_order.numel()
+        # greedy decoding reorders by the identity at every step: nothing to do (CPU only: on a GPU
+        # the check would sync)
+        if saved.get("rows") == n and new_order.device.type == "cpu" and torch.equal(new_order, torch.arange(n, dtype=new_order.dtype)):
+            return
+        self.set_incremental_state(incremental_state, "moe", {"state": reorder_state(saved["state"], new_order), "rows": n})
 
 
 class _MoELayerMixin:

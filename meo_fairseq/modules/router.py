@@ -321,7 +321,8 @@ class Router(nn.Module):
 
     def skip(self, state: dict, t: int):
         """Advance ``state`` by t positions whose gates are fixed (see gates_fixed), without routing."""
-        self.aux_loss, self.summary = None, None
+        if self.aux_loss is not None or self.summary is not None:  # (a module's setattr is slow)
+            self.aux_loss, self.summary = None, None
         state["pos"] = state.get("pos", 0) + t
 
     def _incremental(self, x, pad_mask, context, state) -> Routing:
