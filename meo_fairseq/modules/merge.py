@@ -163,7 +163,7 @@ class MergedLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, gates: Tensor, weight: Tensor, bias: Optional[Tensor], grad_buffer=None):
         ctx.save_for_backward(x, gates, weight, bias)
         ctx.grad_buffer = grad_buffer
-        if _whole(x, weight) and x.size(0) > 1:
+        if _whole(x, weight):
             return _whole_forward(x, gates.to(weight.dtype), weight, bias)
         g_total, t, _ = x.shape
         n, out_f, in_f = weight.shape
@@ -189,7 +189,7 @@ class MergedLinearFunction(torch.autograd.Function):
         n, out_f, in_f = weight.shape
         g_total = x.size(0)
         grad_out = grad_out.contiguous()
-        if _whole(x, weight) and g_total > 1:
+        if _whole(x, weight):
             gx, gg, gw, gb = _whole_backward(ctx, x, gates.to(weight.dtype), weight, bias, grad_out)
             return gx, (gg.to(gates.dtype) if gg is not None else None), gw, gb, None
         gx = x.new_empty(x.shape) if need_x else None
