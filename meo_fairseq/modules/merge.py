@@ -24,7 +24,7 @@ products in a few calls: small layers are bound by per-call costs.
 
 Measured with ``python -m meo_fairseq.benchmark layers`` (2-core CPU, fp32, d=768, ffn=3072,
 16 experts, top-4), MEO FFN forward+backward against a dense FFN: 16 x 128 tokens 4.35x with
-whole merged matrices chunk by chunk, about 1.8x now; 4 x 512 tokens 2.50x -> about 1.5x. What
+whole merged matrices chunk by chunk, about 1.8x now; 4 x 512 tokens 2.50x -> 1.4x to 1.6x. What
 is left is mostly traffic over all N experts that a dense layer does not have (reading them for
 the merges and the gate gradient, writing the N x out x in expert gradient: 1.2x dense by itself)
 and the per-group matmuls, whose merged weights are packed one by one.
