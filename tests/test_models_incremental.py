@@ -146,3 +146,32 @@ def test_lm_causal_teacher_forced():
             out, _ = model.decoder(changed)
             torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-6)
             assert not torch.allclose(out[:, t:], base[:, t:])
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2], [0, 1]])  # greedy decoding's identity; a sentence finished
+def test_identity_and_shrinking_reorders(order):
+    """An identity reorder is skipped without touching the state; the same order over fewer rows
+    (the batch shrinks when sentences finish) must still drop the finished rows."""
+    extra = ["--moe-experts", "4", "--moe-top-k", "2", "--moe-decoder-routing", "encoder"]
+    model, d = build("meo_transformer_tiny", "translation", extra)
+    g = torch.Generator().manual_seed(5)
+    src = torch.randint(4, len(d), (3, 6), generator=g)
+    tgt = torch.randint(4, len(d), (3, 7), generator=g)
+    tgt[:, 0] = d.eos()
+    order = torch.tensor(order)
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=torch.full((3,), 6))
+        state, outs = {}, []
+        for t in range(tgt.size(1)):
+            if t == 4:
+                before = dict(state)
+                model.decoder.reorder_incremental_state_scripting(state, order)
+                if len(order) == 3:  # nothing replaced
+                    assert all(state[k] is v for k, v in before.items())
+                enc = model.encoder.reorder_encoder_out(enc, order)
+                tgt, outs = tgt.index_select(0, order), [o.index_select(0, order) for o in outs]
+            y, _ = model.decoder(tgt[:, : t + 1], encoder_out=enc, incremental_state=state)
+            outs.append(y[:, -1])
+        full, _ = model.decoder(tgt, encoder_out=enc)
+    assert full.size(0) == len(order)
+    torch.testing.assert_close(torch.stack(outs, 1), full, rtol=1e-4, atol=1e-4)

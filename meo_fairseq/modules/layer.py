@@ -120,8 +120,7 @@ def reorder_state(state, new_order: Tensor):
     """Reorder an incremental-decoding state (beam search): every tensor is batch-first.
 
     fairseq reorders at every step; an identity order (greedy decoding, nothing finished) leaves
-    the state as it is, and returns the same object (checked on the CPU only, where it saves
-    copying cached merged weights). Rows past the order's length are dropped (finished sentences)."""
+    the state as it is (checked on the CPU only, where it saves copying cached merged weights)."""
     n = new_order.numel()
     if new_order.device.type == "cpu" and n and torch.equal(new_order, torch.arange(n, dtype=new_order.dtype)):
         return _reorder(state, new_order, n)
@@ -129,8 +128,6 @@ def reorder_state(state, new_order: Tensor):
 
 
 def _reorder(state, new_order: Tensor, identity_size: Optional[int]):
-    """(identity_size: the order is 0..n-1, so what has n rows stays; containers whose items all
-    stay are returned themselves.)"""
     if isinstance(state, MergedCache):
         return state if state.rows == identity_size else state.reorder(new_order)
     if isinstance(state, Tensor):
@@ -138,11 +135,9 @@ def _reorder(state, new_order: Tensor, identity_size: Optional[int]):
             return state
         return state.index_select(0, new_order)
     if isinstance(state, dict):
-        out = {k: _reorder(v, new_order, identity_size) for k, v in state.items()}
-        return state if all(out[k] is v for k, v in state.items()) else out
+        return {k: _reorder(v, new_order, identity_size) for k, v in state.items()}
     if isinstance(state, (tuple, list)):
-        out = type(state)(_reorder(v, new_order, identity_size) for v in state)
-        return state if all(a is b for a, b in zip(out, state)) else out
+        return type(state)(_reorder(v, new_order, identity_size) for v in state)
     return state
 
 
