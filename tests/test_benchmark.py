@@ -251,6 +251,15 @@ def test_parse_fairseq_logs():
         MD.train_wps("nothing here")
 
 
+def test_median_speed_of_repeated_generate_runs():
+    runs = [MD.generate_speed(f"Translated 10 sentences (600 tokens) in {t}s ({10 / t:.2f} sentences/s, {600 / t:.2f} tokens/s)")
+            for t in (2.0, 1.0, 4.0)]
+    m = MD.median_speed(runs)
+    assert m["runs"] == [5.0, 10.0, 2.5]
+    assert (m["sentences_per_s"], m["tokens_per_s"], m["gen_seconds"]) == (5.0, 300.0, 2.0)
+    assert (m["sentences"], m["gen_tokens"]) == (10, 600)
+
+
 def test_model_commands(tmp_path):
     import argparse
 

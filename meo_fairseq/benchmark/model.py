@@ -26,7 +26,8 @@ Words/s is fairseq's own ``wps`` of the ``train_inner`` log lines (``--log-inter
 each); the first interval (warm-up) is dropped and the median of the others is taken, then the
 median over ``--repeats`` training runs (the modes interleaved).
 Sentences/s is fairseq-generate's own "Translated N sentences ... (X sentences/s ...)" line
-(generation time only, model loading excluded). Runs are sequential; on a shared machine the
+(generation time only, model loading excluded), the median over ``--gen-repeats`` runs (the modes
+interleaved, like the training runs). Runs are sequential; on a shared machine the
 numbers move with the load, so compare ratios of one run.
 """
 
@@ -106,6 +107,14 @@ def generate_speed(log: str) -> Dict[str, float]:
         "sentences_per_s": float(m.group(4)),
         "tokens_per_s": float(m.group(5)),
     }
+
+
+def median_speed(runs: List[Dict[str, float]]) -> Dict[str, float]:
+    """One generate figure from repeated runs: the medians of their speeds and times, and the
+    sentences/s of every run (``runs``)."""
+    out = {k: statistics.median(r[k] for r in runs) for k in ("gen_seconds", "sentences_per_s", "tokens_per_s")}
+    out.update(sentences=runs[0]["sentences"], gen_tokens=runs[0]["gen_tokens"], runs=[r["sentences_per_s"] for r in runs])
+    return out
 
 
 def prepare(work: Path, threads, timeout, vocab: int) -> Dict[str, Path]:
@@ -193,17 +202,23 @@ def run(a) -> dict:
                     shutil.rmtree(save, ignore_errors=True)
                     log = _run(train_cmd(task, data[task], arch, mode, a, save), work / f"train-{task}-{mode}-{rep}.log", a.threads, a.timeout)
                     runs[mode].append(train_wps(log))
+            # generation the same way: the modes interleaved, --gen-repeats times (run one mode
+            # after the other, a machine that slows down over the minutes favours the first)
+            gens = {mode: {f"{b}x{k}": [] for b, k in a.gen} for mode in a.modes}
+            if task == "xsum" and not a.no_generate:
+                for rep in range(a.gen_repeats):
+                    for mode in a.modes:
+                        ckpt = work / f"ckpt-{task}-{mode}" / "checkpoint_last.pt"
+                        for batch, beam in a.gen:
+                            glog = _run(generate_cmd(data[task], ckpt, a, batch, beam),
+                                        work / f"generate-{task}-{mode}-{batch}x{beam}-{rep}.log", a.threads, a.timeout)
+                            gens[mode][f"{batch}x{beam}"].append(generate_speed(glog))
             for mode in a.modes:
                 save = work / f"ckpt-{task}-{mode}"
                 row = {"task": task, "arch": arch, "mode": mode, "wps": statistics.median(r["wps"] for r in runs[mode]),
                        "wps_runs": [r["wps"] for r in runs[mode]]}
                 if task == "xsum" and not a.no_generate:
-                    ckpt = save / "checkpoint_last.pt"
-                    row["gen"] = {}
-                    for batch, beam in a.gen:
-                        glog = _run(generate_cmd(data[task], ckpt, a, batch, beam),
-                                    work / f"generate-{task}-{mode}-{batch}x{beam}.log", a.threads, a.timeout)
-                        row["gen"][f"{batch}x{beam}"] = generate_speed(glog)
+                    row["gen"] = {k: median_speed(v) for k, v in gens[mode].items()}
                 if not a.workdir:
                     shutil.rmtree(save, ignore_errors=True)
                 rows.append(row)
@@ -220,7 +235,7 @@ def run(a) -> dict:
                     d = dense.get("gen", {}).get(k)
                     if d:
                         g["ratio"] = {q: g[q] / d[q] for q in ("sentences_per_s", "tokens_per_s")}
-        res = {"experts": a.experts, "top_k": a.top_k, "updates": a.updates, "repeats": a.repeats,
+        res = {"experts": a.experts, "top_k": a.top_k, "updates": a.updates, "repeats": a.repeats, "gen_repeats": a.gen_repeats,
                "workdir": str(work) if a.workdir else None, "rows": rows}
         res["targets"] = check_targets(rows)
         return res
@@ -266,7 +281,8 @@ def table(res: dict) -> str:
     for k in keys:
         head += f" {'gen ' + k + ' sent/s':>17s} {'x dense':>7s} {'tok/s':>8s} {'x dense':>7s}"
     lines = [f"fairseq end to end: {res['experts']} experts, top-{res['top_k']}, {res['updates']} updates "
-             f"(train words/s: median of {res.get('repeats', 1)} interleaved runs; generate BATCHxBEAM)", head, "-" * len(head)]
+             f"(train words/s: median of {res.get('repeats', 1)} interleaved runs; generate BATCHxBEAM: median of "
+             f"{res.get('gen_repeats', 1)})", head, "-" * len(head)]
     nan = float("nan")
     for r in res["rows"]:
         s = f"{r['task']:5s} {r['arch']:24s} {r['mode']:6s} {r['wps']:10.0f} {r.get('ratio', {}).get('wps', nan):7.2f}"
@@ -303,6 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--gen-subset", default="train", help="split to generate from (train: 200 documents; valid/test: 20)")
     p.add_argument("--gen", default="1x1,32x6", help="generate settings BATCHxBEAM, comma separated")
     p.add_argument("--gen-len", type=int, default=60, help="tokens generated per sentence (minimum = maximum length)")
+    p.add_argument("--gen-repeats", type=int, default=3, help="generate runs per mode and setting, interleaved; sentences/s is their median")
     p.add_argument("--no-generate", action="store_true")
     p.add_argument("--vocab-size", type=int, default=1000, help="sentencepiece vocabulary of the xsum slice")
     p.add_argument("--workdir", help="keep data, checkpoints and logs here (default: a temporary directory)")
@@ -312,6 +329,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.repeats < 1:
         p.error("--repeats must be at least 1")
+    if a.gen_repeats < 1:
+        p.error("--gen-repeats must be at least 1")
     try:
         a.gen = [gen_setting(v) for v in a.gen.split(",") if v.strip()]
     except ValueError as e:
