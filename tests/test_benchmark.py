@@ -274,6 +274,17 @@ def test_model_commands(tmp_path):
     assert cmd[cmd.index("--gen-subset") + 1] == "test"
     assert cmd[cmd.index("--min-len") + 1] == cmd[cmd.index("--max-len-b") + 1] == "50"  # fixed length
     assert MD.gen_setting(" 1 x 1") == (1, 1)
+    # precisions: fp32 is fairseq's own train entry with no flag; bf16 goes through meo_fairseq.train
+    # (fairseq-train --bf16 means --tpu); fp16 generates in fp16, bf16 in fp32
+    for precision, entry, flag, gen_flag in (("fp32", "fairseq_cli.train", None, None), ("bf16", "meo_fairseq.train", "--bf16", None),
+                                             ("fp16", "fairseq_cli.train", "--fp16", "--fp16")):
+        a.precision = precision
+        for task in ("xsum", "lm"):
+            cmd = [str(c) for c in MD.train_cmd(task, tmp_path, "some_arch", "meo", a, tmp_path / "ck")]
+            assert cmd[cmd.index("-m") + 1] == entry
+            assert [c for c in cmd if c in ("--fp16", "--bf16")] == ([flag] if flag else [])
+        cmd = [str(c) for c in MD.generate_cmd(tmp_path, tmp_path / "c.pt", a, 1, 1)]
+        assert [c for c in cmd if c in ("--fp16", "--bf16")] == ([gen_flag] if gen_flag else [])
     for bad in ("32", "0x6", "ax1"):
         with pytest.raises(ValueError, match="--gen"):
             MD.gen_setting(bad)

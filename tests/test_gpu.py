@@ -65,6 +65,35 @@ def test_merged_linear_cuda_equals_cpu(monkeypatch, groups, tokens, in_f, out_f,
         assert _rel(d, c) < 1e-5, name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("groups", [1, 3, 7, 13])
+@pytest.mark.parametrize("path", ["short", "blocked", "chunked"])
+def test_merged_linear_half_precision_any_group_count(monkeypatch, dtype, groups, path):
+    """Half precision on the GPU at the tiny models' sizes, for odd numbers of groups (a fairseq
+    batch of 7 sentences), on the short path, the blocked path and with several chunks of groups:
+    against fp32 on the CPU. The short path once wrote the gate gradient through a transposed
+    half-precision output, which cuBLASLt refused (CUBLAS_STATUS_INVALID_VALUE) for such batches."""
+    n, in_f, out_f, tokens = 8, 64, 256, 9
+    if path != "short":
+        monkeypatch.setattr(M, "MERGE_BLOCK_BYTES_CUDA", groups * 64 * in_f * 2)  # 64-row blocks
+    if path == "chunked":
+        monkeypatch.setattr(M, "MERGE_CHUNK_BYTES", 2 * out_f * in_f * 2)  # 2 groups a chunk
+    g = torch.Generator().manual_seed(groups)
+    x = torch.randn(groups, tokens, in_f, generator=g)
+    w = torch.randn(n, out_f, in_f, generator=g) * in_f**-0.5
+    b = torch.randn(n, out_f, generator=g) * 0.1
+    top = torch.randn(groups, n, generator=g).topk(2, 1)
+    gates = torch.zeros(groups, n).scatter_(1, top.indices, torch.softmax(top.values, 1))
+    dy = torch.randn(groups, tokens, out_f, generator=g)
+    half = lambda t: t.to(dtype)
+    assert M._whole(half(x).to(CUDA), half(w).to(CUDA)) == (path == "short")
+    cpu = _merged_linear_run("cpu", x, gates, w, b, dy)
+    gpu = _merged_linear_run(CUDA, half(x), gates, half(w), half(b), half(dy))
+    for name, c, d in zip(("y", "dx", "dgates", "dw", "db"), cpu, gpu):
+        assert d.device.type == "cuda" and torch.isfinite(d).all(), name
+        assert _rel(d, c) < 2e-2, name
+
+
 VARIANTS = ["moe-token", "moe-seq", "meo", "meo-token"]
 
 

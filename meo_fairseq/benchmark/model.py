@@ -54,6 +54,7 @@ MODE_FLAGS = {
     "moe": ["--moe-mode", "moe", "--moe-level", "token"],
     "meo": ["--moe-mode", "meo", "--moe-level", "sequence"],
 }
+PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"]}
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _TRANSLATED = re.compile(
     r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in (" + _NUM + r")s \((" + _NUM + r") sentences/s, (" + _NUM + r") tokens/s\)"
@@ -143,16 +144,20 @@ def train_cmd(task: str, data: Path, arch: str, mode: str, a, save_dir: Path) ->
     ]
     if a.cpu:
         common.append("--cpu")
+    precision = getattr(a, "precision", "fp32")
+    common += PRECISION_FLAGS[precision]
+    # fairseq-train --bf16 looks for torch_xla (fairseq issue #4696); meo_fairseq.train does not
+    entry = "meo_fairseq.train" if precision == "bf16" else "fairseq_cli.train"
     if task == "xsum":
         return [
-            sys.executable, "-m", "fairseq_cli.train", data, "--task", "translation", "--source-lang", "src",
+            sys.executable, "-m", entry, data, "--task", "translation", "--source-lang", "src",
             "--target-lang", "tgt", "--truncate-source", "--max-source-positions", 512, "--max-target-positions", 512,
             "--share-all-embeddings", "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
             "--required-batch-size-multiple", 1, "--save-dir", save_dir, "--no-epoch-checkpoints",
             "--save-interval-updates", a.updates, "--keep-interval-updates", 1, *common, *moe,
         ]
     return [
-        sys.executable, "-m", "fairseq_cli.train", data, "--task", "language_modeling", "--tokens-per-sample", 128,
+        sys.executable, "-m", entry, data, "--task", "language_modeling", "--tokens-per-sample", 128,
         "--sample-break-mode", "none", "--criterion", "moe_cross_entropy", "--share-decoder-input-output-embed",
         "--no-save", "--moe-segment-length", 32, *common, *moe,
     ]
@@ -176,6 +181,8 @@ def generate_cmd(data: Path, ckpt: Path, a, batch: int, beam: int) -> List:
     ]
     if a.cpu:
         cmd.append("--cpu")
+    if getattr(a, "precision", "fp32") == "fp16":  # (fairseq-generate has no bfloat16: bf16 models generate in fp32)
+        cmd.append("--fp16")
     return cmd
 
 
@@ -235,7 +242,7 @@ def run(a) -> dict:
                     d = dense.get("gen", {}).get(k)
                     if d:
                         g["ratio"] = {q: g[q] / d[q] for q in ("sentences_per_s", "tokens_per_s")}
-        res = {"experts": a.experts, "top_k": a.top_k, "updates": a.updates, "repeats": a.repeats, "gen_repeats": a.gen_repeats,
+        res = {"experts": a.experts, "top_k": a.top_k, "updates": a.updates, "precision": getattr(a, "precision", "fp32"), "repeats": a.repeats, "gen_repeats": a.gen_repeats,
                "workdir": str(work) if a.workdir else None, "rows": rows}
         res["targets"] = check_targets(rows)
         return res
@@ -280,7 +287,7 @@ def table(res: dict) -> str:
     head = f"{'task':5s} {'arch':24s} {'mode':6s} {'train wps':>10s} {'x dense':>7s}"
     for k in keys:
         head += f" {'gen ' + k + ' sent/s':>17s} {'x dense':>7s} {'tok/s':>8s} {'x dense':>7s}"
-    lines = [f"fairseq end to end: {res['experts']} experts, top-{res['top_k']}, {res['updates']} updates "
+    lines = [f"fairseq end to end: {res['experts']} experts, top-{res['top_k']}, {res['updates']} updates, {res.get('precision', 'fp32')} "
              f"(train words/s: median of {res.get('repeats', 1)} interleaved runs; generate BATCHxBEAM: median of "
              f"{res.get('gen_repeats', 1)})", head, "-" * len(head)]
     nan = float("nan")
@@ -325,6 +332,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", help="keep data, checkpoints and logs here (default: a temporary directory)")
     p.add_argument("--threads", type=int, help="OMP/MKL threads of the fairseq processes (default: unset)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per fairseq command")
+    p.add_argument("--precision", choices=sorted(PRECISION_FLAGS), default="fp32",
+                   help="training precision: fairseq's --fp16 (GPU only), or --bf16 through python -m meo_fairseq.train; "
+                        "generation runs in fp16 for fp16, else in fp32 (fairseq-generate has no bfloat16)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.repeats < 1:
@@ -341,6 +351,8 @@ def main(argv=None) -> int:
     if "dense" not in a.modes:
         a.modes = ["dense"] + a.modes
     a.cpu = not torch.cuda.is_available()
+    if a.cpu and a.precision == "fp16":
+        p.error("--precision fp16 needs a GPU (none is visible)")
     a.progress = not a.json
     try:
         res = run(a)

@@ -146,9 +146,12 @@ def _whole_backward(ctx, x, g, weight, bias, dy):
         dw = scratch(x.size(0) * weight[0].numel(), weight.dtype, weight.device).view(x.size(0), weight.size(1), -1)
         dw = torch.bmm(dy.transpose(1, 2), x, out=dw).view(x.size(0), -1)  # per-group weight gradient
         if need_g:
-            gg = torch.mm(weight.view(n, -1), dw.t()).t()  # (this orientation is the faster one here)
+            # gg^T [N, G], as the blocked path: this orientation is the faster one on the CPU, and
+            # cuBLASLt refuses some half-precision products into a transposed output
+            ggt = torch.mm(weight.view(n, -1), dw.t())
             if db is not None:
-                gg.addmm_(db, bias.t())
+                ggt.addmm_(bias, db.t())
+            gg = ggt.t()
         if need_w:
             gw = torch.mm(g.t(), dw, out=new_grad(ctx.grad_buffer, weight).view(n, -1)).view_as(weight)
     if need_b and bias is not None:
