@@ -72,12 +72,13 @@ def test_merged_linear_half_precision_any_group_count(monkeypatch, dtype, groups
     """Half precision on the GPU at the tiny models' sizes, for odd numbers of groups (a fairseq
     batch of 7 sentences), on the short path, the blocked path and with several chunks of groups:
     against fp32 on the CPU. The short path once wrote the gate gradient through a transposed
-    half-precision output, which cuBLASLt refused (CUBLAS_STATUS_INVALID_VALUE) for such batches."""
+    half-precision output, which cuBLASLt refused (CUBLAS_STATUS_INVALID_VALUE) for one group, in
+    bf16 and in fp16 (the 2 cases of this test that failed before the fix)."""
     n, in_f, out_f, tokens = 8, 64, 256, 9
     if path != "short":
-        monkeypatch.setattr(M, "MERGE_BLOCK_BYTES_CUDA", groups * 64 * in_f * 2)  # 64-row blocks
+        monkeypatch.setattr(M, "MERGE_BLOCK_BYTES_CUDA", groups * 64 * in_f * 2)  # MERGE_MIN_ROWS-row blocks
     if path == "chunked":
-        monkeypatch.setattr(M, "MERGE_CHUNK_BYTES", 2 * out_f * in_f * 2)  # 2 groups a chunk
+        monkeypatch.setattr(M, "MERGE_CHUNK_BYTES", 2 * out_f * in_f * 2)  # 2 groups a chunk (the last 1)
     g = torch.Generator().manual_seed(groups)
     x = torch.randn(groups, tokens, in_f, generator=g)
     w = torch.randn(n, out_f, in_f, generator=g) * in_f**-0.5
