@@ -263,7 +263,8 @@ def test_median_speed_of_repeated_generate_runs():
 def test_model_commands(tmp_path):
     import argparse
 
-    a = argparse.Namespace(experts=8, top_k=2, updates=20, log_interval=5, max_tokens=1024, cpu=True, gen_subset="test", gen_len=50)
+    a = argparse.Namespace(experts=8, top_k=2, updates=20, log_interval=5, max_tokens=1024, cpu=True, gen_subset="test", gen_len=50,
+                           precision="fp32")
     for task in ("xsum", "lm"):
         for mode in MD.MODES:
             cmd = [str(c) for c in MD.train_cmd(task, tmp_path, "some_arch", mode, a, tmp_path / "ck")]

@@ -17,6 +17,10 @@ reuses the data). Tasks:
 * ``lm`` (``--lm-arch``, default ``meo_transformer_lm_tiny``): WikiText language modelling,
   train only.
 
+``--precision`` (default fp32): ``bf16`` trains through ``python -m meo_fairseq.train`` (fairseq-train
+``--bf16`` looks for torch_xla) and generates in fp32 (fairseq-generate has no bfloat16);
+``fp16`` trains and generates with fairseq's ``--fp16`` (GPU only).
+
 Modes: ``dense`` (``--moe-mode dense``), ``moe`` (vanilla token-level top-k MoE,
 ``--moe-mode moe --moe-level token``), ``meo`` (``--moe-mode meo``: sequence routing in encoders,
 ``encoder`` routing in the decoder of an encoder-decoder, ``segment`` routing in an LM), all with
@@ -144,10 +148,9 @@ def train_cmd(task: str, data: Path, arch: str, mode: str, a, save_dir: Path) ->
     ]
     if a.cpu:
         common.append("--cpu")
-    precision = getattr(a, "precision", "fp32")
-    common += PRECISION_FLAGS[precision]
+    common += PRECISION_FLAGS[a.precision]
     # fairseq-train --bf16 looks for torch_xla (fairseq issue #4696); meo_fairseq.train does not
-    entry = "meo_fairseq.train" if precision == "bf16" else "fairseq_cli.train"
+    entry = "meo_fairseq.train" if a.precision == "bf16" else "fairseq_cli.train"
     if task == "xsum":
         return [
             sys.executable, "-m", entry, data, "--task", "translation", "--source-lang", "src",
@@ -181,7 +184,7 @@ def generate_cmd(data: Path, ckpt: Path, a, batch: int, beam: int) -> List:
     ]
     if a.cpu:
         cmd.append("--cpu")
-    if getattr(a, "precision", "fp32") == "fp16":  # (fairseq-generate has no bfloat16: bf16 models generate in fp32)
+    if a.precision == "fp16":  # (fairseq-generate has no bfloat16: bf16 models generate in fp32)
         cmd.append("--fp16")
     return cmd
 
@@ -242,7 +245,7 @@ def run(a) -> dict:
                     d = dense.get("gen", {}).get(k)
                     if d:
                         g["ratio"] = {q: g[q] / d[q] for q in ("sentences_per_s", "tokens_per_s")}
-        res = {"experts": a.experts, "top_k": a.top_k, "updates": a.updates, "precision": getattr(a, "precision", "fp32"), "repeats": a.repeats, "gen_repeats": a.gen_repeats,
+        res = {"experts": a.experts, "top_k": a.top_k, "updates": a.updates, "precision": a.precision, "repeats": a.repeats, "gen_repeats": a.gen_repeats,
                "workdir": str(work) if a.workdir else None, "rows": rows}
         res["targets"] = check_targets(rows)
         return res
