@@ -35,8 +35,10 @@ Measures
   (to merge) and once in backward (to merge again, or to read saved merged weights, and for the
   gate gradient), and their N-expert gradients are written once. ``read`` times a sum over the
   experts, ``write`` a fill of memory written before (no page faults). The floor ratios are
-  ``1 + read / dense fwd`` and ``1 + (2 read + write) / dense fwd+bwd``: no MEO implementation on
-  this machine, fused or not, gets below them unless its matmuls beat the dense ones.
+  ``1 + read / dense fwd`` and ``1 + (2 read + write) / dense fwd+bwd``: an MEO implementation
+  gets below them only if its matmuls beat the dense ones or if it hides that traffic behind its
+  matmuls (a merge fused into a GEMM that streams the experts while it computes; the libraries
+  torch uses here have no such kernel).
 * ``saved``: bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``, each
   storage counted once, parameters left out): the activation memory of the layer.
 
