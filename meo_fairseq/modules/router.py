@@ -67,7 +67,8 @@ def _mean_weights(pad_mask: Tensor) -> Tensor:
 
 def _weighted_sum(x: Tensor, w: Optional[Tensor]) -> Tensor:
     """fp32 [B, d]: the mean over T of x [B, T, d] (w None), else sum_t w[b, t] x[b, t] as one
-    [1, T] x [T, d] product per sequence (no [B, T, d] temporary)."""
+    [1, T] x [T, d] product per sequence (no [B, T, d] temporary for fp32 x; a half-precision x is
+    first copied to fp32)."""
     if w is None:
         return torch.mean(x, 1, dtype=torch.float32)
     return torch.bmm(w.unsqueeze(1), x.float()).squeeze(1)
