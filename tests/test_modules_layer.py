@@ -25,6 +25,11 @@ KINDS = ["linear", "ffn", "ffn-unit"]  # ExpertLinear; MoEFFN, unit linear; MoEF
 
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 FP32_GATES = dict(rtol=1e-6, atol=1e-6)
+# Incremental decoding against teacher forcing: the router computes in fp32 (whatever the input
+# dtype) and decoding accumulates its segment / prefix means step by step, in another summation
+# order than the teacher-forced mean. The gates then agree to fp32 precision, not fp64's: measured
+# differences of the outputs reach 1.6e-7 on some CPUs of this kind (bit-identical on others).
+DECODE = FP32_GATES
 
 
 def cfg_for(mode, routing, n=4, k=2, **kw):
@@ -393,7 +398,7 @@ def test_incremental_decoding_equals_teacher_forcing(kind, mode, routing, extra)
         y = m(x, None, ctx)
         for chunks in ([1] * t, [2, 3, 1, 2]):  # one at a time; chunks across boundaries
             yi, _ = decode(m, x, ctx, chunks)
-            torch.testing.assert_close(yi, y, **TIGHT, msg=lambda s: f"chunks {chunks}: {s}")
+            torch.testing.assert_close(yi, y, **DECODE, msg=lambda s: f"chunks {chunks}: {s}")
 
         # beam search: reorder the state after `t0` steps, go on with the reordered batch
         # (inside the first segment / prefix, a permutation) and (after it, beam-style repeats)
@@ -404,7 +409,7 @@ def test_incremental_decoding_equals_teacher_forcing(kind, mode, routing, extra)
             xo = x[new_order]
             co = ctx[new_order] if ctx is not None else None
             yo, _ = decode(m, xo, co, [1] * (t - t0), state, start=t0)
-            torch.testing.assert_close(yo, m(xo, None, co)[:, t0:], **TIGHT)
+            torch.testing.assert_close(yo, m(xo, None, co)[:, t0:], **DECODE)
 
 
 @pytest.mark.parametrize("kind,keys", [("linear", ("merged",)), ("ffn-unit", ("merged1", "merged2"))])
@@ -423,7 +428,7 @@ def test_decoding_merges_once_per_gate_change(monkeypatch, kind, keys, routing, 
     x, ctx = data(2, 8, routing)
     with torch.no_grad():
         yi, state = decode(m, x, ctx, [1] * 8)
-        torch.testing.assert_close(yi, m(x, None, ctx), **TIGHT)
+        torch.testing.assert_close(yi, m(x, None, ctx), **DECODE)
     assert len(calls) == merges * len(keys)
     for key in keys:  # the cache holds the merged weights of the current gates
         assert state[key].version == state["router"]["version"]
@@ -467,7 +472,7 @@ def test_beam_search_merges_once_per_sentence(monkeypatch, kind, keys):
             x, c, y = x[new_order], c[new_order], y[new_order]
             assert all(state[k].block == block and state[k].weight.size(0) == matrices for k in keys)
             yo, state = decode(m, x, c, [1] * 2, state, start=2)  # (encoder gates: any position)
-            torch.testing.assert_close(yo, y[:, 2:4], **TIGHT)
+            torch.testing.assert_close(yo, y[:, 2:4], **DECODE)
         assert rows == [4] * len(keys)  # never merged again: reorders select
 
 
