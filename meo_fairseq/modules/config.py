@@ -4,6 +4,7 @@ Error messages name the command-line flag (``--moe-top-k``) that a fairseq user 
 bad combination fails at model build with a message that points at the flag.
 """
 
+import math
 import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -21,6 +22,20 @@ UNITS = ("linear", "ffn")
 ROUTINGS = ("token", "sequence", "encoder", "segment", "prefix", "full")
 CAUSAL_ROUTINGS = ("token", "encoder", "segment", "prefix")
 BALANCE_LOSSES = ("cv", "switch", "none")
+# Implementations of the expert layers (see docs/layer-library.md):
+#   reference  reference.py: plain autograd, no host syncs, compiles whole (the GPU path)
+#   blocked    merge.py / dispatch.py / gating.py: custom autograd functions tuned for the CPU
+#   auto       reference when CUDA is available at build time, else blocked
+IMPLS = ("auto", "reference", "blocked")
+
+
+def resolve_impl(impl: str) -> str:
+    """The implementation a layer built now uses for ``impl`` (``auto`` looks for CUDA once)."""
+    if impl == "auto":
+        import torch
+
+        return "reference" if torch.cuda.is_available() else "blocked"
+    return impl
 
 
 def _flag(name: str) -> str:
@@ -52,6 +67,8 @@ class MoEConfig:
     merge_min_tokens: Optional[float] = None
     """MEO path choice: merge when a routing group has at least this many tokens, otherwise
     run the selected experts and mix (same function for linear experts). None: cost model."""
+    impl: str = "auto"
+    """implementation: auto, reference or blocked (see IMPLS); a layer resolves it once, at build"""
 
     def __post_init__(self):
         def bad(name, msg):
@@ -63,6 +80,7 @@ class MoEConfig:
             ("expert_unit", UNITS),
             ("routing", ROUTINGS),
             ("balance_loss", BALANCE_LOSSES),
+            ("impl", IMPLS),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -82,10 +100,10 @@ class MoEConfig:
             bad("segment_length", "segment routing needs a positive --moe-segment-length")
         if self.routing == "prefix" and not (self.prefix_length or 0) >= 1:
             bad("prefix_length", "prefix routing needs a positive --moe-prefix-length")
-        if self.balance_weight < 0:
-            bad("balance_weight", f"must be >= 0, got {self.balance_weight}")
-        if self.z_loss_weight < 0:
-            bad("z_loss_weight", f"must be >= 0, got {self.z_loss_weight}")
+        for name in ("balance_weight", "z_loss_weight", "merge_min_tokens"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                bad(name, f"must be a finite number >= 0, got {value}")
         if self.mode == "meo" and self.routing == "token":
             bad("level", "MEO merges per routing group; per-token routing is `--moe-mode moe`")
         if self.mode == "moe" and self.level == "token" and self.routing != "token":

@@ -18,23 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import MoEConfig
+from . import reference
+from .config import MoEConfig, resolve_impl
+from .costs import CALL_COST, GROUP_COST, STREAM_COST, choose_merge  # noqa: F401  (old names kept here)
 from .dispatch import dispatch, mix_linear
 from .experts import StackedExperts, TokenBlock
 from .merge import apply_merged, merge_weights, merged_linear
 from .router import Router, Routing
-
-# Cost of streaming one weight element, in multiply-adds (for choosing merge vs mix).
-STREAM_COST = 4.0
-# Extra cost per weight element of running a separate matmul per group instead of one over all
-# tokens (each group's merged weight is packed and read on its own): measured in the forward of
-# `python -m meo_fairseq.benchmark layers` at 16 x 128 tokens (per-sequence matmuls 93 ms against
-# 60 ms for the same products as one matmul), about 70 multiply-adds per element and group.
-GROUP_COST = 70.0
-# Fixed cost of one expert's calls in compute-then-mix (its gathers, matmuls, scatter, forward and
-# backward: about 0.2 ms on the CPU here), in multiply-adds; spread over the weight's elements it
-# only matters for small layers, where merging (a few calls for all groups) wins.
-CALL_COST = 8e6
 
 
 def _grouped(x: Tensor, routing: Routing, fn: Callable) -> Tensor:
@@ -143,29 +133,22 @@ def _reorder(state, new_order: Tensor, identity_size: Optional[int]):
 
 class _ExpertBase(nn.Module):
     cfg: MoEConfig
+    impl: str = "blocked"
+
+    @property
+    def use_reference(self) -> bool:
+        """reference.py's functions (chosen at build, or under torch.compile) instead of the
+        blocked CPU kernels; the same functions."""
+        return self.impl == "reference" or torch.compiler.is_compiling()
 
     def choose_merge(self, groups: int, tokens_per_group: float, cached: bool) -> bool:
-        """Merge-then-compute or compute-then-mix for linear experts (the same function).
-
-        Costs in multiply-adds per weight element: mixing runs k experts over every token,
-        streams the distinct experts used and pays CALL_COST per expert; merging streams all N
-        experts once, writes and reads a merged matrix per group (only reads it when cached), then
-        one matmul per token and group (GROUP_COST: a matmul per group costs more than one over
-        all tokens, so short segments of large layers mix). The constants are calibrated on the
-        CPU here; ``--moe-merge-min-tokens`` overrides the choice.
-        """
+        """Merge-then-compute (True) or compute-then-mix for linear experts: the same function;
+        the blocked path's cost model (costs.py) picks the cheaper one."""
         cfg = self.cfg
-        if cfg.merge_min_tokens is not None:
-            return tokens_per_group >= cfg.merge_min_tokens
-        n, k = cfg.experts, cfg.full_experts
-        tokens = groups * tokens_per_group
-        used = min(n, groups * k)
-        mix = tokens * k + (STREAM_COST + CALL_COST / self.experts.weight[0].numel()) * used
-        if cached:
-            merge = tokens + STREAM_COST * groups
-        else:
-            merge = tokens + groups * n + STREAM_COST * (n + 2 * groups) + GROUP_COST * groups
-        return merge <= mix
+        return choose_merge(
+            cfg.experts, cfg.full_experts, self.experts.weight[0].numel(), groups, tokens_per_group, cached,
+            cfg.merge_min_tokens,
+        )
 
     def _static_gates(self, routing: Routing, state) -> bool:
         """Incremental decoding with one run whose gates stay for later steps (cacheable)."""
@@ -219,6 +202,7 @@ class ExpertLinear(_ExpertBase):
     def __init__(self, in_features: int, out_features: int, cfg: MoEConfig, router_dim: Optional[int] = None, bias: bool = True, own_router: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.impl = resolve_impl(cfg.impl)
         dense = cfg.mode == "dense"
         self.experts = StackedExperts(
             in_features, out_features, 1 if dense else cfg.experts, bias, compressed=not dense and cfg.compressed_experts > 0
@@ -235,7 +219,7 @@ class ExpertLinear(_ExpertBase):
             if y is not None:
                 return y
         if routing is None:
-            routing = self.router(x, pad_mask, context, state.setdefault("router", {}) if state is not None else None)
+            routing = self.router.routing(x, pad_mask, context, state.setdefault("router", {}) if state is not None else None)
         if self.token_block is not None:
             x = self.token_block(x)
         cache = state if self._static_gates(routing, state) else None
@@ -256,12 +240,19 @@ class ExpertLinear(_ExpertBase):
         if s is not None:
             xg = xg * s.unsqueeze(1).to(xg.dtype)
         g, tg = xg.shape[:2]
+        if self.use_reference and (cache is None or self.cfg.mode != "meo"):
+            if self.cfg.mode == "meo":
+                return reference.merged_linear(xg, gates, ex.weight, ex.bias)
+            y = reference.moe_linear(xg.reshape(g * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias)
+            return y.view(g, tg, -1)
         if self.cfg.mode == "meo" and cache is not None:
             block = self._use_cache(cache, ("merged",), routing.version, gates, tg)
             if block:
                 return self._cached_merge(cache, "merged", routing.version, gates, ex, block).apply(xg)
         elif self.cfg.mode == "meo" and self.choose_merge(g, tg, cached=False):
             return merged_linear(xg, gates, ex.weight, ex.bias, ex.grad_buffer)
+        # vanilla MoE, or (blocked path only) MEO that mixes instead of merging where the cost
+        # model says so (costs.py): the same function, computed as compute-then-mix
         y = mix_linear(xg.reshape(g * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias, ex.grad_buffer)
         return y.view(g, tg, -1)
 
@@ -296,6 +287,7 @@ class MoEFFN(_ExpertBase):
     ):
         super().__init__()
         self.cfg = cfg
+        self.impl = resolve_impl(cfg.impl)
         self.activation_fn = activation_fn
         # a float, or a module (fairseq passes its FairseqDropout)
         self.activation_dropout = activation_dropout if isinstance(activation_dropout, nn.Module) else nn.Dropout(activation_dropout)
@@ -315,7 +307,7 @@ class MoEFFN(_ExpertBase):
             y = self._cached_step(x, state)
             if y is not None:
                 return y
-        routing = self.router(x, pad_mask, context, state.setdefault("router", {}) if state is not None else None)
+        routing = self.router.routing(x, pad_mask, context, state.setdefault("router", {}) if state is not None else None)
         if self.token_block is not None:
             x = self.token_block(x)
         if self.cfg.mode == "moe":
@@ -342,6 +334,8 @@ class MoEFFN(_ExpertBase):
             hits = self._hits(cache, ("merged1", "merged2"), version, gates.size(0))
             block = hits[0].block if hits is not None else _runs(gates)
             h = self._cached_merge(cache, "merged1", version, gates, e1, block).apply(xg)
+        elif self.use_reference:
+            h = reference.merged_linear(xg, gates, e1.weight, e1.bias)
         else:
             h = merged_linear(xg, gates, e1.weight, e1.bias, e1.grad_buffer)
         h = self.activation_dropout(self.activation_fn(h))
@@ -349,6 +343,8 @@ class MoEFFN(_ExpertBase):
             h = h * s2.unsqueeze(1).to(h.dtype)
         if cache is not None:
             return self._cached_merge(cache, "merged2", version, gates, e2, block).apply(h)
+        if self.use_reference:
+            return reference.merged_linear(h, gates, e2.weight, e2.bias)
         return merged_linear(h, gates, e2.weight, e2.bias, e2.grad_buffer)
 
     def _mix(self, xg, gates, idx, w, ce):
@@ -358,6 +354,8 @@ class MoEFFN(_ExpertBase):
         if s1 is not None:
             xg = xg * s1.unsqueeze(1).to(xg.dtype)
         side = s2.repeat_interleave(tg, 0) if s2 is not None else None
+        if self.use_reference:
+            return self._mix_reference(xg, idx, w, side).view(g, tg, -1)
         # unbind once (see dispatch.mix_linear)
         w1, w2 = e1.weight.unbind(0), e2.weight.unbind(0)
         b1 = e1.bias.unbind(0) if e1.bias is not None else [None] * len(w1)
@@ -371,6 +369,20 @@ class MoEFFN(_ExpertBase):
 
         y = dispatch(xg.reshape(g * tg, -1).to(e1.weight.dtype), _expand(idx, tg), _expand(w, tg), ffn, e2.out_features, side)
         return y.view(g, tg, -1)
+
+    def _mix_reference(self, xg, idx, w, side):
+        """reference.moe_apply over whole-FFN experts: (G, Tg, d) -> (G * Tg, d)."""
+        e1, e2 = self.fc1.experts, self.fc2.experts
+        tg = xg.size(1)
+
+        def ffn(xs, offsets, expert, token):  # xs (R, d) sorted by expert
+            h = self.activation_dropout(self.activation_fn(reference.grouped_linear(xs, e1.weight, e1.bias, offsets, expert)))
+            if side is not None:
+                h = h * side.index_select(0, token).to(h.dtype)
+            return reference.grouped_linear(h, e2.weight, e2.bias, offsets, expert)
+
+        x = xg.reshape(-1, xg.size(-1)).to(e1.weight.dtype)  # (G * Tg, d)
+        return reference.moe_apply(x, _expand(idx, tg), _expand(w, tg), ffn, e1.num_experts, e2.out_features)
 
     @torch.no_grad()
     def upcycle_(self, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor]):

@@ -37,19 +37,8 @@ from torch import Tensor
 
 from .buffers import new_grad, scratch
 
-# Groups per chunk: at most this many bytes' worth of *whole* merged weights (the experts are read
-# from memory once per chunk, so larger chunks read them less often; memory is bounded by blocks).
-MERGE_CHUNK_BYTES = 256 * 2**20
-# Bytes of merged rows alive at once (and, in backward, as many of weight-gradient rows): a block
-# of output rows of every group of a chunk ...
-MERGE_BLOCK_BYTES = 16 * 2**20
-# ... with at least this many rows (narrower matmuls lose more than the cache gains), unless
-# MERGE_CHUNK_BYTES itself is below MERGE_BLOCK_BYTES (then blocks fit in MERGE_CHUNK_BYTES).
-MERGE_MIN_ROWS = 128
-# On a GPU small layers pay per kernel launch, not per cache miss: larger blocks, fewer calls
-# (the block is still the only merged memory alive, and the caching allocator reuses it).
-MERGE_BLOCK_BYTES_CUDA = 64 * 2**20
-
+# the blocked merge's tiles (tuned constants live in costs.py; read here through these names)
+from .costs import MERGE_BLOCK_BYTES, MERGE_BLOCK_BYTES_CUDA, MERGE_CHUNK_BYTES, MERGE_MIN_ROWS
 
 def _block_bytes(t: Tensor) -> int:
     return MERGE_BLOCK_BYTES_CUDA if t.device.type == "cuda" else MERGE_BLOCK_BYTES

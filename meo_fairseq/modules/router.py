@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import losses
-from .config import MoEConfig
+from . import losses, reference
+from .config import MoEConfig, resolve_impl
 from .gating import NOISE_EPS, noisy_top_k_gating
 
 
@@ -102,6 +102,8 @@ def masked_mean(x: Tensor, pad_mask: Optional[Tensor]) -> Tensor:
 
     A sequence with no real token gives zeros.
     """
+    if torch.compiler.is_compiling():
+        return reference.pool(x, pad_mask)
     w = _mean_weights(pad_mask) if pad_mask is not None else None
     if torch.is_grad_enabled() and x.requires_grad:
         return _MaskedMean.apply(x, w)
@@ -127,6 +129,8 @@ class Router(nn.Module):
         self.default_logits = nn.Parameter(torch.zeros(cfg.experts))
         self.aux_loss: Optional[Tensor] = None
         self.summary: Optional[Tensor] = None  # [N + 2]: importance, balance, z-loss
+        # reference.py's gating (no host syncs, compiles whole) instead of gating.py's fused node
+        self.reference = resolve_impl(cfg.impl) == "reference"
 
     @property
     def stats(self) -> Dict[str, Tensor]:
@@ -173,6 +177,17 @@ class Router(nn.Module):
         """
         inp = inp.float()
         noisy = self.training and self.cfg.gate_noise
+        if self.reference or torch.compiler.is_compiling():
+            cfg = self.cfg
+            noise = torch.randn(inp.size(0), cfg.experts, device=inp.device) if noisy else None
+            keep = aux_mask.float() if aux_mask is not None else None
+            g, loss = reference.noisy_top_k(
+                inp, self.w_gate.float(), self.w_noise.float(), cfg.top_k, noise, keep,
+                cfg.compressed_experts, cfg.balance_loss, cfg.balance_weight, cfg.z_loss_weight, aux,
+            )
+            if loss is not None:
+                self.aux_loss, self.summary = loss
+            return g.gates, g.topk_idx, g.topk_gates, g.compressed
         if aux and self.fused and not self.cfg.compressed_experts and self.cfg.balance_loss in ("cv", "none"):
             if aux_mask is None or bool(aux_mask.any()):
                 return self._route_fused(inp, aux_mask, noisy)
@@ -204,7 +219,12 @@ class Router(nn.Module):
 
     def default_gate(self, groups: int):
         """The learned input-independent gate, repeated for ``groups`` groups."""
-        parts = self._split(*self._select(self.default_logits.float().unsqueeze(0))[:3])
+        logits = self.default_logits.float().unsqueeze(0)  # (1, N)
+        if self.reference or torch.compiler.is_compiling():
+            parts = reference.top_k_gates(logits, self.cfg.top_k, self.cfg.compressed_experts)
+            parts = (parts.gates, parts.topk_idx, parts.topk_gates, parts.compressed)
+        else:
+            parts = self._split(*self._select(logits)[:3])
         return tuple(p.expand(groups, *p.shape[1:]) if p is not None else None for p in parts)
 
     def _aux(self, clean: Tensor, gates: Tensor, load: Optional[Tensor], aux_mask: Optional[Tensor]):
@@ -238,7 +258,13 @@ class Router(nn.Module):
             self.summary = torch.cat([gates.sum(0), torch.stack([balance, zl])])
 
     # ---- granularities ------------------------------------------------------------------
-    def forward(
+    def forward(self, *args, **kwargs) -> Routing:
+        """Same as :meth:`routing`. The layers call ``routing`` directly, not the module: a module
+        call's output goes through forward/backward hooks (fairseq's NaN detector), which accept
+        tensors only."""
+        return self.routing(*args, **kwargs)
+
+    def routing(
         self,
         x: Tensor,
         pad_mask: Optional[Tensor] = None,
@@ -264,13 +290,13 @@ class Router(nn.Module):
             return self._pack(self.route(context), bsz, 1, [0, t])
         if r in ("sequence", "full"):
             keep = None if pad_mask is None else (~pad_mask).any(1)
-            return self._pack(self.route(masked_mean(x, pad_mask), keep), bsz, 1, [0, t])
+            return self._pack(self.route(self._mean(x, pad_mask), keep), bsz, 1, [0, t])
         if r == "prefix":
             p = self.cfg.prefix_length
             if t <= p:
                 return self._pack(self.default_gate(bsz), bsz, 1, [0, t])
             head_mask = pad_mask[:, :p] if pad_mask is not None else None
-            mean = masked_mean(x[:, :p], head_mask)
+            mean = self._mean(x[:, :p], head_mask)
             if pad_mask is None:
                 routed = self.route(mean)
             else:  # no real token in the prefix: default gate; aux over routed, non-empty tails
@@ -307,6 +333,9 @@ class Router(nn.Module):
             rt = rt.reshape(bsz, s - 1, *rt.shape[1:])
             parts.append(torch.cat([d0.unsqueeze(1), rt], 1).reshape(bsz * s, *rt.shape[2:]))
         return self._pack(tuple(parts), bsz, s, bounds)
+
+    def _mean(self, x: Tensor, pad_mask: Optional[Tensor]) -> Tensor:
+        return reference.pool(x, pad_mask) if self.reference else masked_mean(x, pad_mask)
 
     def _pack(self, parts, bsz: int, s: int, bounds, version: int = -1) -> Routing:
         gates, idx, w, ce = parts
