@@ -42,6 +42,14 @@ Measures
 * ``saved``: bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``, each
   storage counted once, parameters left out): the activation memory of the layer.
 
+* ``ops``: aten ops dispatched by one training step (forward, auxiliary loss, backward), counted
+  with a ``TorchDispatchMode``: all ops, and the non-view ops (``OpOverload.is_view`` False), for
+  the implementation the run uses and for ``impl="reference"``.
+* ``graph breaks``: ``torch._dynamo.explain`` of one training forward with the run's options (a
+  layer under ``torch.compile`` takes the compile-friendly reference path by itself).
+* ``compiled`` (``--compile``, the default with ``--device cuda``): every variant again under
+  ``torch.compile`` (forward, and forward+backward), as ratios to the eager dense FFN of the run.
+
 Every number is also given as a ratio to ``dense`` measured in the same run.
 """
 
@@ -58,26 +66,34 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..modules import MoEConfig, MoEFFN, Router
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..modules import MoEConfig, MoEFFN, Router, set_impl
 from ..modules.buffers import GradBuffer, release_scratch, scratch_bytes
 
 VARIANTS = ("dense", "moe-token", "moe-seq", "meo", "meo-token")
 SHAPES = ((16, 128), (4, 512))
+CUDA_SHAPES = ((32, 128), (8, 512))  # BERT-base batches (issue 15's GPU targets)
 # The efficiency goals (method notes, section 5), checked at the default shapes.
 TARGETS = [
     # (variant, metric, shape or None for every shape, bound)
     ("meo", "fwd_bwd", (16, 128), 1.3),
     ("meo", "fwd_bwd", (4, 512), 1.1),
+    ("meo", "fwd_bwd", (32, 128), 1.3),
+    ("meo", "fwd_bwd", (8, 512), 1.15),
+    ("meo:compiled", "fwd_bwd", (32, 128), 1.3),
+    ("meo:compiled", "fwd_bwd", (8, 512), 1.15),
+    ("moe-token:compiled", "fwd_bwd", None, 4.5),
     ("meo", "fwd", (16, 128), 1.3),
     ("moe-token", "fwd_bwd", None, 4.5),
     ("meo", "peak", None, 1.3),
 ]
 
 
-def variant_config(variant: str, experts: int, top_k: int) -> MoEConfig:
+def variant_config(variant: str, experts: int, top_k: int, impl: str = "auto") -> MoEConfig:
     if variant == "dense":
         return MoEConfig(mode="dense")
-    common = dict(experts=experts, top_k=top_k, expert_unit="linear")
+    common = dict(experts=experts, top_k=top_k, expert_unit="linear", impl=impl)
     if variant == "moe-token":
         return MoEConfig(mode="moe", level="token", routing="token", **common)
     if variant == "moe-seq":
@@ -89,9 +105,9 @@ def variant_config(variant: str, experts: int, top_k: int) -> MoEConfig:
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
-def build(variant: str, dim: int, ffn: int, experts: int, top_k: int, device, dtype, seed: int = 0) -> MoEFFN:
+def build(variant: str, dim: int, ffn: int, experts: int, top_k: int, device, dtype, seed: int = 0, impl: str = "auto") -> MoEFFN:
     torch.manual_seed(seed)
-    m = MoEFFN(dim, ffn, variant_config(variant, experts, top_k), activation_fn=F.gelu)
+    m = MoEFFN(dim, ffn, variant_config(variant, experts, top_k, impl), activation_fn=F.gelu)
     with torch.no_grad():  # routers start at zero (upcycling); random routers route like trained ones
         for r in m.modules():
             if isinstance(r, Router):
@@ -149,6 +165,52 @@ def time_variants(models: Dict[str, MoEFFN], x, repeats: int, warmup: int = 1, c
                 times[v]["fwd"].append(t1 - t0)
                 times[v]["fwd_bwd"].append(t2 - t1)
     return {v: {k: statistics.median(ts) for k, ts in d.items()} for v, d in times.items()}
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.all = self.non_view = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.all += 1
+        self.non_view += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(m: MoEFFN, x, probe, impl: Optional[str] = None) -> Dict[str, int]:
+    """aten ops of one training step (forward, auxiliary loss, backward): {"all", "non_view"}.
+
+    impl: count with this implementation (the layer's own is restored afterwards)."""
+    old = [(mod, mod.impl) for mod in m.modules() if hasattr(mod, "impl")]
+    old += [(mod, mod.reference) for mod in m.modules() if isinstance(mod, Router)]
+    try:
+        if impl is not None:
+            set_impl(m, impl)
+        m.train()
+        _train_step(m, x, probe)  # warm up (lazy init)
+        with _OpCounter() as c:
+            _train_step(m, x, probe)
+    finally:
+        for mod, v in old:
+            if isinstance(mod, Router):
+                mod.reference = v
+            else:
+                mod.impl = v
+    for p in m.parameters():
+        p.grad = None
+    return {"all": c.all, "non_view": c.non_view}
+
+
+def graph_breaks(m: MoEFFN, x) -> Dict[str, int]:
+    """Graphs and graph breaks of one training forward under torch.compile (torch._dynamo.explain)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    m.train()
+    e = torch._dynamo.explain(lambda inp: m(inp))(x.detach().requires_grad_(True))
+    torch._dynamo.reset()
+    return {"graphs": e.graph_count, "breaks": e.graph_break_count}
 
 
 def peak_memory(m: MoEFFN, x, probe) -> int:
@@ -263,24 +325,35 @@ def traffic_floor(m: MoEFFN, dense: dict, repeats: int) -> dict:
             "fwd": 1 + r / dense["fwd_ms"], "fwd_bwd": 1 + (2 * r + w) / dense["fwd_bwd_ms"]}
 
 
-def run_shape(batch: int, tokens: int, dim: int, ffn: int, experts: int, top_k: int, repeats: int, device, dtype, variants=VARIANTS, memory: bool = True, clock: str = "wall") -> dict:
+def run_shape(batch: int, tokens: int, dim: int, ffn: int, experts: int, top_k: int, repeats: int, device, dtype, variants=VARIANTS, memory: bool = True, clock: str = "wall", impl: str = "auto", ops: bool = False, compile: bool = False) -> dict:
+    """Times (and memory, op counts, graph breaks, compiled times when asked) of the variants at one
+    shape. ``ops``: op counts and graph breaks under ``res[v]["ops"]``; ``compile``: the variants
+    under torch.compile as ``"<variant>:compiled"`` rows."""
     if "dense" not in variants:
         variants = ("dense",) + tuple(variants)
-    models = {v: build(v, dim, ffn, experts, top_k, device, dtype) for v in variants}
+    models = {v: build(v, dim, ffn, experts, top_k, device, dtype, impl=impl) for v in variants}
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, tokens, dim, generator=g).to(device=device, dtype=dtype)
     probe = torch.randn(batch, tokens, dim, generator=g).to(device)
-    times = time_variants(models, x, repeats, clock=clock)
+    timed = dict(models)
+    if compile:
+        timed.update({f"{v}:compiled": torch.compile(m) for v, m in models.items()})
+    times = time_variants(timed, x, repeats, clock=clock)
     res = {v: {"fwd_ms": 1e3 * t["fwd"], "fwd_bwd_ms": 1e3 * t["fwd_bwd"]} for v, t in times.items()}
     if memory:
         for v, m in models.items():
             res[v]["peak_mb"] = peak_memory(m, x, probe) / 2**20
             res[v]["saved_mb"] = saved_bytes(m, x) / 2**20
-    d = res["dense"]
-    for v in res:
+    for v in res:  # compiled variants against the compiled dense FFN
+        d = res["dense:compiled" if v.endswith(":compiled") else "dense"]
         res[v]["ratio"] = {k.rsplit("_", 1)[0]: res[v][k] / d[k] for k in res[v] if k in d and d[k]}
+    d = res["dense"]
     if "meo" in models:
         res["meo"]["floor"] = traffic_floor(models["meo"], d, repeats)
+    if ops:
+        for v, m in models.items():
+            res[v]["ops"] = {"run": count_ops(m, x, probe), "reference": count_ops(m, x, probe, "reference")}
+            res[v]["ops"].update(graph_breaks(m, x))
     return {"batch": batch, "tokens": tokens, "results": res}
 
 
@@ -304,19 +377,33 @@ def check_targets(runs: List[dict]) -> List[dict]:
 def table(run: dict, meta: dict) -> str:
     res = run["results"]
     has_mem = "peak_mb" in res["dense"]
-    lines = [f"batch {run['batch']} x {run['tokens']} tokens, d={meta['dim']}, ffn={meta['ffn']}, "
+    lines = [f"batch {run['batch']} x {run['tokens']} tokens, impl {meta.get('impl', 'auto')}, d={meta['dim']}, ffn={meta['ffn']}, "
              f"{meta['experts']} experts, top-{meta['top_k']}, {meta['dtype']} on {meta['device']}, "
              f"median of {meta['repeats']}, {meta['clock']} clock, {meta['threads']} torch threads"]
-    head = f"{'variant':10s} {'fwd ms':>9s} {'x dense':>7s} {'fwd+bwd ms':>11s} {'x dense':>7s}"
+    w = max(10, *(len(v) for v in res))
+    head = f"{'variant':{w}s} {'fwd ms':>9s} {'x dense':>7s} {'fwd+bwd ms':>11s} {'x dense':>7s}"
     if has_mem:
         head += f" {'peak MB':>9s} {'x dense':>7s} {'saved MB':>9s} {'x dense':>7s}"
     lines += [head, "-" * len(head)]
     for v, r in res.items():
         q = r["ratio"]
-        s = f"{v:10s} {_ms(r['fwd_ms']):>9s} {q['fwd']:7.2f} {_ms(r['fwd_bwd_ms']):>11s} {q['fwd_bwd']:7.2f}"
-        if has_mem:
+        s = f"{v:{w}s} {_ms(r['fwd_ms']):>9s} {q['fwd']:7.2f} {_ms(r['fwd_bwd_ms']):>11s} {q['fwd_bwd']:7.2f}"
+        if has_mem and "peak_mb" in r:
             s += f" {r['peak_mb']:9.1f} {q['peak']:7.2f} {r['saved_mb']:9.1f} {q['saved']:7.2f}"
         lines.append(s)
+    if any(v.endswith(":compiled") for v in res):
+        lines.append("(a compiled variant's ratios are to the compiled dense FFN)")
+    if "ops" in res["dense"]:
+        d = res["dense"]["ops"]["run"]
+        lines.append(f"ops per training step (all / non-view; x dense non-view), impl {meta.get('impl', 'auto')} and "
+                     "reference; graph breaks of the training forward under torch.compile:")
+        for v, r in res.items():
+            if "ops" not in r:
+                continue
+            o, ref = r["ops"]["run"], r["ops"]["reference"]
+            lines.append(f"  {v:10s} {o['all']:5d} / {o['non_view']:4d} ({o['non_view'] / d['non_view']:5.2f}x)   reference "
+                         f"{ref['all']:5d} / {ref['non_view']:4d} ({ref['non_view'] / d['non_view']:5.2f}x)   "
+                         f"graphs {r['ops']['graphs']}, breaks {r['ops']['breaks']}")
     f = res.get("meo", {}).get("floor")
     if f:
         lines.append(f"MEO memory-traffic floor: the experts ({f['experts_mb']:.0f} MB) read in {_ms(f['read_ms'])} ms, their "
@@ -335,8 +422,9 @@ def _ints(s: str) -> List[int]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m meo_fairseq.benchmark layers", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=_ints, default=[b for b, _ in SHAPES], help="comma list, paired with --tokens")
-    p.add_argument("--tokens", type=_ints, default=[t for _, t in SHAPES], help="comma list, paired with --batch")
+    p.add_argument("--batch", type=_ints, default=None,
+                   help="comma list, paired with --tokens (default: 16,4 on the CPU, 32,8 on cuda)")
+    p.add_argument("--tokens", type=_ints, default=None, help="comma list, paired with --batch (default: 128,512)")
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--ffn", type=int, default=3072)
     p.add_argument("--experts", type=int, default=16)
@@ -350,8 +438,20 @@ def main(argv=None) -> int:
                    help="wall: elapsed time (default); cpu: this process's CPU time, which a busy shared machine "
                    "does not inflate (use with --threads 1: with more threads it adds up all threads, spin-waits included)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    p.add_argument("--impl", choices=("auto", "reference", "blocked"), default="auto",
+                   help="implementation of the expert layers (MoEConfig.impl / --moe-impl)")
+    p.add_argument("--no-ops", action="store_true", help="skip the op counts and graph-break counts")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time every variant under torch.compile (default: on with --device cuda)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    shapes = CUDA_SHAPES if torch.device(a.device).type == "cuda" else SHAPES
+    if a.batch is None:
+        a.batch = [b for b, _ in shapes]
+    if a.tokens is None:
+        a.tokens = [t for _, t in shapes]
+    if a.compile is None:
+        a.compile = torch.device(a.device).type == "cuda"
     if len(a.batch) != len(a.tokens):
         if len(a.batch) == 1:
             a.batch = a.batch * len(a.tokens)
@@ -366,7 +466,7 @@ def main(argv=None) -> int:
     variants = tuple(v for v in a.variants.split(",") if v)
     for v in variants:
         variant_config(v, a.experts, a.top_k)  # validate early
-    meta = dict(dim=a.dim, ffn=a.ffn, experts=a.experts, top_k=a.top_k, device=a.device, dtype=dtype_name,
+    meta = dict(impl=a.impl, compile=a.compile, dim=a.dim, ffn=a.ffn, experts=a.experts, top_k=a.top_k, device=a.device, dtype=dtype_name,
                 repeats=a.repeats, threads=torch.get_num_threads(), clock=a.clock, torch=torch.__version__)
     if hasattr(os, "getloadavg"):
         meta["loadavg_start"] = list(os.getloadavg())
@@ -374,7 +474,8 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for b, t in zip(a.batch, a.tokens):
-            run = run_shape(b, t, a.dim, a.ffn, a.experts, a.top_k, a.repeats, a.device, dtype, variants, memory=not a.no_memory, clock=a.clock)
+            run = run_shape(b, t, a.dim, a.ffn, a.experts, a.top_k, a.repeats, a.device, dtype, variants,
+                            memory=not a.no_memory, clock=a.clock, impl=a.impl, ops=not a.no_ops, compile=a.compile)
             runs.append(run)
             if not a.json:
                 print(table(run, meta) + "\n", flush=True)

@@ -7,7 +7,7 @@ from typing import List, Optional
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
 
-from ..modules.config import BALANCE_LOSSES, LEVELS, MODES, UNITS, MoEConfig
+from ..modules.config import BALANCE_LOSSES, IMPLS, LEVELS, MODES, UNITS, MoEConfig
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,21 @@ class MoEArgs(FairseqDataclass):
         metadata={
             "help": "MEO with linear experts: merge when a routing group has at least this many tokens, "
             "else run the selected experts and mix (the same function). Default: a cost model"
+        },
+    )
+    moe_impl: ChoiceEnum(IMPLS) = field(
+        default="auto",
+        metadata={
+            "help": "implementation of the expert layers (the same function): reference (plain autograd, no host "
+            "syncs, compiles whole: the GPU path), blocked (CPU-tuned kernels), auto (reference when CUDA is "
+            "available, else blocked)"
+        },
+    )
+    moe_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "compile each expert FFN's training forward with torch.compile (the layers take the "
+            "reference path inside; incremental decoding stays eager)"
         },
     )
     moe_upcycle_from: Optional[str] = field(
@@ -123,6 +138,8 @@ def layer_configs(args, side: str, num_layers: int, is_lm: bool = False) -> List
         z_loss_weight=float(_get(args, "moe_z_loss_weight", 0.0)),
         compressed_experts=int(_get(args, "moe_compressed_experts", 0)),
         merge_min_tokens=safe_getattr(args, "moe_merge_min_tokens", None),
+        impl=str(_get(args, "moe_impl", "auto")),
+        compile=bool(_get(args, "moe_compile", False)),
     )
     dense = base.with_(mode="dense")
     return [base if (i + 1) % freq == 0 else dense for i in range(num_layers)]

@@ -34,6 +34,22 @@ class _RoutingInputs:
         return _RoutingInputs()
 
 
+def _ffn_forward(ffn: MoEFFN, x: Tensor, pad_mask: Optional[Tensor], context: Optional[Tensor]) -> Tensor:
+    return MoEFFN.forward(ffn, x, pad_mask, context)
+
+
+_compiled_ffn_forward = None
+
+
+def compiled_ffn_forward():
+    """``_ffn_forward`` under torch.compile (--moe-compile), built once and shared by every layer:
+    the layers of one configuration share their graphs."""
+    global _compiled_ffn_forward
+    if _compiled_ffn_forward is None:
+        _compiled_ffn_forward = torch.compile(_ffn_forward)
+    return _compiled_ffn_forward
+
+
 @with_incremental_state
 class FairseqMoEFFN(MoEFFN):
     """MoEFFN on fairseq's time-major tensors: forward(x [T, B, C]) -> [T, B, C]."""
@@ -58,6 +74,8 @@ class FairseqMoEFFN(MoEFFN):
                 self.set_incremental_state(incremental_state, "moe", saved)
             state = saved["state"]
             saved["rows"] = x.size(1)
+        if state is None and self.cfg.compile and self.cfg.mode != "dense":  # --moe-compile
+            return compiled_ffn_forward()(self, x.transpose(0, 1), pad_mask, context).transpose(0, 1)
         y = MoEFFN.forward(self, x.transpose(0, 1), pad_mask, context, state)
         return y.transpose(0, 1)
 

@@ -69,6 +69,8 @@ class MoEConfig:
     run the selected experts and mix (same function for linear experts). None: cost model."""
     impl: str = "auto"
     """implementation: auto, reference or blocked (see IMPLS); a layer resolves it once, at build"""
+    compile: bool = False
+    """fairseq layers compile the expert FFN's training forward with torch.compile (--moe-compile)"""
 
     def __post_init__(self):
         def bad(name, msg):

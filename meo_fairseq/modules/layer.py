@@ -102,6 +102,17 @@ class MergedCache:
         return MergedCache(self.version, n, 1, self.weight.index_select(0, src), _select(self.bias, src))
 
 
+def set_impl(module: nn.Module, impl: str):
+    """Switch every expert layer and router under ``module`` to ``impl`` (auto, reference or
+    blocked; ``auto`` resolves now). Parameters and outputs stay the same."""
+    impl = resolve_impl(impl)
+    for m in module.modules():
+        if isinstance(m, _ExpertBase):
+            m.impl = impl
+        elif isinstance(m, Router):
+            m.reference = impl == "reference"
+
+
 def _select(t: Optional[Tensor], index: Tensor) -> Optional[Tensor]:
     return t.index_select(0, index) if t is not None else None
 

@@ -241,9 +241,9 @@ def grouped_linear(xs: Tensor, weight: Tensor, bias: Optional[Tensor], offsets: 
 
 
 def _grouped_mm_ok(a: Tensor, b: Tensor) -> bool:
-    """torch's grouped_mm: rows and columns 16-byte aligned; its meta kernel (torch.compile)
-    accepts bfloat16 only."""
-    if a.device.type == "cuda" and a.dtype != torch.bfloat16:
+    """Shapes and dtypes torch's grouped_mm takes: rows and columns 16-byte aligned; bfloat16 on
+    CUDA, fp32/bf16/fp16 on the CPU."""
+    if a.dtype not in ((torch.bfloat16,) if a.device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)):
         return False
     size = a.element_size()
     return all(s * size % 16 == 0 for s in (a.size(1), b.size(2)))

@@ -1,0 +1,314 @@
+"""reference.py against every fast path; the reference path without host syncs (op counts that do
+not depend on the data, zero graph breaks, compiled equals eager); impl selection; fairseq's NaN
+detector on the layers."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meo_fairseq.modules import MoEConfig, MoEFFN, Router, merged_linear, mix_linear, reference, set_impl
+from meo_fairseq.modules.gating import noisy_top_k_gating
+
+D, FF = 8, 12
+
+
+def _randomize_(m, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for r in m.modules():
+            if isinstance(r, Router):
+                for p in (r.w_gate, r.w_noise, r.default_logits):
+                    p.copy_(torch.randn(p.shape, generator=g))
+    return m
+
+
+def _step(cfg, impl, x, pad, train=True, context=None):
+    """Outputs, input gradient, aux loss and every parameter gradient of one step."""
+    torch.manual_seed(0)
+    router_dim = D if context is not None else None  # (encoder routing: every router reads the context)
+    m = _randomize_(MoEFFN(D, FF, cfg.with_(impl=impl), router_dim=router_dim)).train(train)
+    torch.manual_seed(1)  # the same gate noise on both paths
+    xi = x.clone().requires_grad_(True)
+    y = m(xi, pad, context)
+    aux = sum((r.aux_loss for r in m.routers() if r.aux_loss is not None), torch.zeros(()))
+    (y.square().sum() + aux).backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in m.parameters()]
+    return [y, xi.grad, aux] + grads
+
+
+CASES = [
+    # mode, level, routing, unit, compressed experts, balance loss
+    ("meo", "sequence", "sequence", "linear", 0, "cv"),
+    ("meo", "token", "sequence", "linear", 0, "cv"),
+    ("meo", "sequence", "segment", "linear", 0, "cv"),
+    ("meo", "sequence", "prefix", "ffn", 0, "switch"),
+    ("meo", "sequence", "encoder", "linear", 1, "cv"),
+    ("meo", "sequence", "sequence", "ffn", 1, "none"),
+    ("moe", "token", "token", "linear", 0, "cv"),
+    ("moe", "token", "token", "linear", 0, "switch"),
+    ("moe", "token", "token", "ffn", 1, "cv"),
+    ("moe", "sequence", "sequence", "linear", 0, "cv"),
+    ("moe", "sequence", "segment", "ffn", 0, "cv"),
+]
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("mode,level,routing,unit,nce,balance", CASES)
+def test_reference_equals_blocked_path(mode, level, routing, unit, nce, balance, train):
+    """impl="reference" and impl="blocked" (fused gating, blocked merge, compute-then-mix, the cost
+    model's choice) compute the same values, aux loss and gradients (fp32 router: 1e-5)."""
+    cfg = MoEConfig(mode=mode, level=level, routing=routing, experts=4, top_k=2, expert_unit=unit,
+                    segment_length=3, prefix_length=3, compressed_experts=nce, balance_loss=balance,
+                    z_loss_weight=1e-3)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 10, D, generator=g)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[1, 7:] = True
+    context = torch.randn(3, D, generator=g) if routing == "encoder" else None
+    ref = _step(cfg, "reference", x, pad, train, context)
+    fast = _step(cfg, "blocked", x, pad, train, context)
+    for a, b in zip(ref, fast):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_merged_linear_and_moe_linear_equal_fast_kernels():
+    """fp64, no fp32 step: tight."""
+    g = torch.Generator().manual_seed(0)
+    n, gr, t, din, dout = 5, 4, 6, 12, 8
+    x = torch.randn(gr, t, din, generator=g, dtype=torch.float64)
+    gates = torch.rand(gr, n, generator=g, dtype=torch.float64) * (torch.rand(gr, n, generator=g) > 0.4)
+    w = torch.randn(n, dout, din, generator=g, dtype=torch.float64)
+    b = torch.randn(n, dout, generator=g, dtype=torch.float64)
+    dy = torch.randn(gr, t, dout, generator=g, dtype=torch.float64)
+
+    def run(fn, *args):
+        leaves = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+        y = fn(*leaves)
+        y.backward(dy.reshape(y.shape))
+        return [y] + [a.grad for a in leaves if a.is_floating_point()]
+
+    for a, c in zip(run(reference.merged_linear, x, gates, w, b), run(merged_linear, x, gates, w, b)):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    xt = x.reshape(gr * t, din)
+    idx = torch.randint(0, n, (gr * t, 2), generator=g)
+    idx[:, 1] = (idx[:, 0] + 1 + torch.randint(0, n - 1, (gr * t,), generator=g)) % n  # distinct
+    wk = torch.rand(gr * t, 2, generator=g, dtype=torch.float64)
+    ref = run(lambda xx, ww, wt, bb: reference.moe_linear(xx, idx, ww, wt, bb), xt, wk, w, b)
+    fast = run(lambda xx, ww, wt, bb: mix_linear(xx, idx, ww, wt, bb), xt, wk, w, b)
+    for a, c in zip(ref, fast):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("din,dout,empty", [(16, 8, False), (16, 8, True), (6, 5, False)])
+def test_grouped_mm_kernel_and_fallback_equal_per_group_matmuls(din, dout, empty):
+    """torch's grouped_mm (16-byte aligned shapes) and the per-group fallback (6, 5) against one
+    matmul per group, values and gradients; an expert with no rows gets a zero gradient."""
+    g = torch.Generator().manual_seed(1)
+    counts = [3, 0, 5, 2] if empty else [3, 1, 5, 2]
+    r = sum(counts)
+    a = torch.randn(r, din, generator=g, requires_grad=True)
+    b = torch.randn(len(counts), din, dout, generator=g, requires_grad=True)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    dy = torch.randn(r, dout, generator=g)
+    y = reference.grouped_mm(a, b, offsets)
+    y.backward(dy)
+    ga, gb = a.grad, b.grad
+    a2, b2 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    parts, start = [], 0
+    for e, c in enumerate(counts):
+        parts.append(a2[start : start + c] @ b2[e])
+        start += c
+    y2 = torch.cat(parts)
+    y2.backward(dy)
+    torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ga, a2.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gb, b2.grad, rtol=1e-6, atol=1e-6)
+    if empty:
+        assert torch.count_nonzero(gb[1]) == 0
+
+
+@pytest.mark.parametrize("noisy,keep", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("balance,zw", [("cv", 0.0), ("cv", 1e-3), ("none", 1e-3)])
+def test_reference_gating_equals_fused_gating(noisy, keep, balance, zw):
+    g = torch.Generator().manual_seed(2)
+    gr, d, n, k = 9, 6, 5, 2
+    inp = torch.randn(gr, d, generator=g)
+    wg, wn = torch.randn(d, n, generator=g), torch.randn(d, n, generator=g) * 0.3
+    noise = torch.randn(gr, n, generator=g) if noisy else None
+    kp = (torch.rand(gr, generator=g) > 0.3).float() if keep else None
+    probe = torch.randn(gr, n, generator=g)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (inp, wg, wn)]
+        gates, w, idx, aux = fn(*leaves)
+        ((gates * probe).sum() + (w * probe[:, :k]).sum() + aux).backward()
+        return [gates, w, idx, aux] + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+
+    def ref(i, a, b):
+        out, loss = reference.noisy_top_k(i, a, b, k, noise, kp, 0, balance, 0.01, zw)
+        return out.gates, out.topk_gates, out.topk_idx, loss.aux_loss
+
+    def fused(i, a, b):
+        gates, w, idx, aux, _ = noisy_top_k_gating(i, a, b, noise, kp, k, balance, 0.01, zw)
+        return gates, w, idx, aux
+
+    for a, c in zip(run(ref), run(fused)):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,routing", [("meo", "sequence"), ("meo", "segment"), ("moe", "token")])
+@pytest.mark.parametrize("unit", ["linear", "ffn"])
+def test_one_expert_equals_a_dense_ffn(mode, routing, unit):
+    cfg = MoEConfig(mode=mode, level="token" if routing == "token" else "sequence", routing=routing, experts=1,
+                    top_k=1, expert_unit=unit, segment_length=3, impl="reference")
+    m = _randomize_(MoEFFN(D, FF, cfg, activation_fn=F.gelu)).train()
+    x = torch.randn(2, 7, D, requires_grad=True)
+    y = m(x)
+    e1, e2 = m.fc1.experts, m.fc2.experts
+    dense = F.linear(F.gelu(F.linear(x, e1.weight[0], e1.bias[0])), e2.weight[0], e2.bias[0])
+    torch.testing.assert_close(y, dense, rtol=1e-6, atol=1e-6)
+    gx = torch.autograd.grad(y.sum(), x)[0]
+    torch.testing.assert_close(gx, torch.autograd.grad(dense.sum(), x)[0], rtol=1e-6, atol=1e-6)
+
+
+# ---- no host syncs: op counts, graph breaks, compiled == eager ----------------------------------
+
+
+def _count_ops(m, x):
+    from meo_fairseq.benchmark.layers import count_ops
+
+    return count_ops(m, x, torch.randn(x.shape))["non_view"]
+
+
+def test_reference_op_count_is_fixed_and_bounded():
+    """The reference path's training step has a fixed number of ops (no loop over experts or
+    groups, no data-dependent branch): the same for other shapes, experts and data. Bound against
+    the dense FFN: see docs/layer-library.md for the measured ratios."""
+    from meo_fairseq.benchmark.layers import build
+
+    counts = {}
+    for n, k, b, t, seed in [(4, 2, 2, 5, 0), (8, 2, 3, 17, 1), (8, 3, 1, 40, 2)]:
+        for v in ("dense", "meo", "meo-token", "moe-token"):
+            m = build(v, 16, 32, n, k, "cpu", torch.float32, seed=seed, impl="reference")
+            counts.setdefault(v, set()).add(_count_ops(m, torch.randn(b, t, 16)))
+    assert all(len(c) == 1 for c in counts.values()), counts
+    dense = counts["dense"].pop()
+    assert counts["meo"].pop() <= 11 * dense
+
+
+def _breaks(fn, *args):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    e = torch._dynamo.explain(fn)(*args)
+    torch._dynamo.reset()
+    return e.graph_count, e.graph_break_count
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+@pytest.mark.parametrize("variant", ["meo", "meo-token", "moe-token"])
+def test_training_forward_compiles_without_graph_breaks(variant, impl):
+    from meo_fairseq.benchmark.layers import variant_config
+
+    m = _randomize_(MoEFFN(16, 32, variant_config(variant, 4, 2, impl))).train()
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, 4:] = True
+    assert _breaks(lambda x: m(x, pad), torch.randn(2, 6, 16, requires_grad=True)) == (1, 0)
+
+
+@pytest.mark.parametrize("unit,routing", [("linear", "encoder"), ("ffn", "prefix")])
+def test_cached_decoding_step_compiles_without_graph_breaks(unit, routing):
+    cfg = MoEConfig(mode="meo", experts=4, top_k=2, routing=routing, prefix_length=2, expert_unit=unit)
+    m = _randomize_(MoEFFN(16, 32, cfg, router_dim=16 if routing == "encoder" else None)).eval()
+    ctx, state = torch.randn(3, 16), {}
+    with torch.no_grad():
+        for t in (1, 2, 1):  # the merges are cached once the gates are fixed
+            m(torch.randn(3, t, 16), context=ctx, state=state)
+        x = torch.randn(3, 1, 16)
+        y = m(x, state=dict(state))
+        assert _breaks(lambda inp: m(inp, state=state), x) == (1, 0)
+        torch.testing.assert_close(m(x, state=state), y, rtol=0, atol=0)
+
+
+def test_compiled_training_step_equals_eager():
+    """One inductor compile (slow on small CPUs): MEO with default options, forward and backward."""
+    import torch._inductor.config as inductor_config
+
+    cfg = MoEConfig(mode="meo", experts=4, top_k=2)
+    m = _randomize_(MoEFFN(8, 16, cfg)).train()
+    x = torch.randn(2, 5, 8)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+
+    def loss_fn(inp):
+        y = m(inp, pad)
+        return y.square().sum() + sum(r.aux_loss for r in m.routers())
+
+    def step(fn):
+        for p in m.parameters():
+            p.grad = None
+        torch.manual_seed(4)
+        xi = x.clone().requires_grad_(True)
+        loss = fn(xi)
+        loss.backward()
+        return [loss, xi.grad] + [p.grad for p in m.parameters() if p.grad is not None]
+
+    old = inductor_config.fallback_random
+    inductor_config.fallback_random = True  # the same gate noise as eager
+    try:
+        torch._dynamo.reset()
+        compiled = step(torch.compile(loss_fn, fullgraph=True))
+    finally:
+        inductor_config.fallback_random = old
+        torch._dynamo.reset()
+    eager = step(loss_fn)
+    assert len(compiled) == len(eager)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---- impl selection ----------------------------------------------------------------------------
+
+
+def test_impl_is_chosen_at_build_and_can_be_switched():
+    with pytest.raises(ValueError, match="--moe-impl"):
+        MoEConfig(impl="fast")
+    m = MoEFFN(8, 16, MoEConfig(mode="meo", experts=4, top_k=2, impl="reference"))
+    assert m.impl == m.fc1.impl == "reference" and all(r.reference for r in m.routers())
+    set_impl(m, "blocked")
+    assert m.fc2.impl == "blocked" and not any(r.reference for r in m.routers())
+    auto = MoEFFN(8, 16, MoEConfig(mode="meo", experts=4, top_k=2))
+    assert auto.fc1.impl == ("reference" if torch.cuda.is_available() else "blocked")
+
+
+def test_fairseq_flags_reach_the_layer_config():
+    import argparse
+
+    from meo_fairseq.models.moe_args import layer_configs
+
+    args = argparse.Namespace(moe_impl="reference", moe_compile=True)
+    cfg = layer_configs(args, "encoder", 1)[0]
+    assert cfg.impl == "reference" and cfg.compile
+    cfg = layer_configs(argparse.Namespace(), "encoder", 1)[0]
+    assert cfg.impl == "auto" and not cfg.compile
+
+
+# ---- fairseq's NaN detector --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unit", ["linear", "ffn"])
+def test_nan_detector_names_the_module(caplog, unit):
+    """fairseq's NanDetector hooks every module (forward and backward): every module forward in the
+    library returns tensors, so it reports the NaN instead of failing in torch's hook."""
+    from fairseq.nan_detector import NanDetector
+
+    m = _randomize_(MoEFFN(8, 16, MoEConfig(mode="meo", experts=4, top_k=2, expert_unit=unit))).train()
+    with torch.no_grad():
+        m.fc1.experts.weight[:, 0, 0] = float("nan")
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="fairseq.nan_detector"), NanDetector(m):
+        y = m(x)
+        (y.sum() + sum(r.aux_loss for r in m.routers())).backward()
+    assert "NaN detected in output of" in caplog.text
