@@ -1,4 +1,8 @@
-"""Collects the auxiliary losses and routing statistics of every router of a model.
+"""Collects the auxiliary losses and routing statistics of every expert layer of a model.
+
+Every expert layer exposes the last forward's weighted auxiliary loss as ``l_aux`` and its routing
+statistics as ``routing_summary`` (None where the layer has no router of its own); this module
+walks the model's modules and reads them.
 
 Normalisation: fairseq's criteria return a loss *summed* over the batch and the trainer divides
 the gradients by ``sample_size``. Each router's ``aux_loss`` is already a batch average (weighted
@@ -14,21 +18,22 @@ import math
 import torch
 from fairseq import metrics
 
-from ..modules import Router
 from ..modules.router import summarize
 
 STATS = ("moe_aux", "moe_balance", "moe_z_loss", "moe_max_frac", "moe_entropy")
 
 
 def aux_and_stats(model):
-    """(sum of the routers' weighted aux losses or None, logging dict of layer averages)."""
+    """(sum of the expert layers' weighted aux losses or None, logging dict of layer averages)."""
     losses, summaries = [], []
     for m in model.modules():
-        if not isinstance(m, Router) or m.aux_loss is None:
+        loss = getattr(m, "l_aux", None)
+        if loss is None:
             continue
-        losses.append(m.aux_loss)
-        if m.summary is not None:
-            summaries.append(m.summary)
+        losses.append(loss)
+        summary = getattr(m, "routing_summary", None)
+        if summary is not None:
+            summaries.append(summary)
     if not losses:
         return None, {}
     total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()

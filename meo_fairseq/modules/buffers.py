@@ -2,17 +2,15 @@
 
 An expert weight's gradient ([N, out, in], N times a dense one) is written whole at every
 backward. A fresh allocation of that size comes straight from the OS and every page faults on
-first touch: on the 2-core CPU here writing 151 MB (16 experts of 768 x 3072) takes 36 ms into
-fresh memory and 9 ms into memory written before, and a training step writes it once per expert
-linear. fairseq frees the gradients at every step (``zero_grad`` sets them to None), so the
+first touch, which costs several times the write itself (figures in docs/layer-library.md); a
+training step writes it once per expert linear. fairseq frees the gradients at every step (``zero_grad`` sets them to None), so the
 memory of one step's gradient can serve the next one.
 
 :class:`GradBuffer` keeps one storage per slot and hands out a tensor on it when nobody else holds
 it any more (the previous gradient was freed); otherwise it allocates as usual. The tensor handed
 out aliases the storage without being a view, so autograd adopts it as ``.grad`` without a copy.
 Vanilla MoE's linears keep their output and input gradient the same way (slots ``out`` and
-``grad_in``): zero-filling a fresh [2048, 3072] fp32 output took 23 ms of a 0.9 s MoE step under
-torch's profiler. (MEO's merged linear does not: the same change made its step slower here.)
+``grad_in``) for the same reason. (MEO's merged linear does not: it measured slower with them.)
 """
 
 import threading

@@ -7,8 +7,13 @@ search with :func:`reorder_state`).
 
 Modes (``MoEConfig.mode``): ``dense`` runs the single expert as a plain linear; ``moe`` runs the
 selected experts and mixes their outputs (compute-then-mix); ``meo`` merges the selected experts
-per routing group and runs one linear (merge-then-compute, see merge.py). For linear experts the
-two are the same function, and MEO picks the cheaper one per call from the shapes.
+per routing group and runs one linear (merge-then-compute). For linear experts the two are the
+same function.
+
+Implementations (``MoEConfig.impl``, chosen once per layer at build, see :func:`set_impl`):
+``reference`` runs reference.py (plain autograd, no host syncs, compiles whole); ``blocked`` runs
+the CPU kernels (gating.py, merge.py, dispatch.py), where MEO may mix instead of merging when the
+cost model (costs.py) says so. Under ``torch.compile`` every layer takes the reference path.
 """
 
 from typing import Callable, Optional
@@ -24,27 +29,31 @@ from .costs import CALL_COST, GROUP_COST, STREAM_COST, choose_merge  # noqa: F40
 from .dispatch import dispatch, mix_linear
 from .experts import StackedExperts, TokenBlock
 from .merge import apply_merged, merge_weights, merged_linear
+from .reference import Gates
 from .router import Router, Routing
 
 
 def _grouped(x: Tensor, routing: Routing, fn: Callable) -> Tensor:
-    """Apply fn(xg [G, Tg, in], gates, idx, w, ce) per routing run and reassemble [B, T, out]."""
+    """Apply fn(xg (G, Tg, in), gates: Gates) per routing run and reassemble (B, T, out).
+
+    Gates (reference.py): ``gates`` (G, N), ``topk_idx``/``topk_gates`` (G, kf), ``compressed``
+    (G, N) or None, one row per group of ``xg``."""
     bsz, t = x.shape[:2]
     if routing.bounds is None:  # token routing: every token is a group of one
-        y = fn(x.reshape(bsz * t, 1, -1), *routing.flat())
+        y = fn(x.reshape(bsz * t, 1, -1), routing.flat())  # groups of one token
         return y.reshape(bsz, t, -1)
     bounds = routing.bounds
     s = len(bounds) - 1
     if s == 1:
-        return fn(x, *routing.flat())
+        return fn(x, routing.flat())
     lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     seg = lens[0]
     pad = s * seg - t
     if all(n == seg for n in lens[:-1]) and 0 <= pad and 4 * pad <= t:
         xp = F.pad(x, (0, 0, 0, pad)) if pad else x
-        y = fn(xp.reshape(bsz * s, seg, -1), *routing.flat()).reshape(bsz, s * seg, -1)
+        y = fn(xp.reshape(bsz * s, seg, -1), routing.flat()).reshape(bsz, s * seg, -1)  # (B, S*L, out)
         return y[:, :t] if pad else y
-    return torch.cat([fn(x[:, a:b], *routing.run(i).flat()) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], 1)
+    return torch.cat([fn(x[:, a:b], routing.run(i).flat()) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], 1)
 
 
 def _expand(t: Tensor, tokens: int) -> Tensor:
@@ -145,6 +154,18 @@ def _reorder(state, new_order: Tensor, identity_size: Optional[int]):
 class _ExpertBase(nn.Module):
     cfg: MoEConfig
     impl: str = "blocked"
+    router: Optional[Router]
+
+    @property
+    def l_aux(self) -> Optional[Tensor]:
+        """The weighted auxiliary loss of this layer's own router in the last forward (None: no
+        router of its own, or no loss). Criteria sum it over the model's layers (moe_aux.py)."""
+        return self.router.aux_loss if self.router is not None else None
+
+    @property
+    def routing_summary(self) -> Optional[Tensor]:
+        """(N + 2,) routing statistics of the last forward (see router.summarize), or None."""
+        return self.router.summary if self.router is not None else None
 
     @property
     def use_reference(self) -> bool:
@@ -234,7 +255,7 @@ class ExpertLinear(_ExpertBase):
         if self.token_block is not None:
             x = self.token_block(x)
         cache = state if self._static_gates(routing, state) else None
-        return _grouped(x, routing, lambda *a: self._compute(*a, routing=routing, cache=cache))
+        return _grouped(x, routing, lambda xg, g: self._compute(xg, g, routing=routing, cache=cache))
 
     def _cached_step(self, x: Tensor, state: dict) -> Optional[Tensor]:
         """Decoding fast path (see _fixed_step); None: not applicable."""
@@ -245,27 +266,30 @@ class ExpertLinear(_ExpertBase):
             x = self.token_block(x)
         return hits[0].apply(x)
 
-    def _compute(self, xg, gates, idx, w, ce, routing, cache):
+    def _compute(self, xg: Tensor, g: Gates, routing: Routing, cache) -> Tensor:
+        """One linear for xg (G, Tg, in) whose groups share the gates g -> (G, Tg, out)."""
+        gates, idx, w, ce = g
         ex = self.experts
         s = ex.input_scale(ce)
         if s is not None:
             xg = xg * s.unsqueeze(1).to(xg.dtype)
-        g, tg = xg.shape[:2]
+        groups, tg = xg.shape[:2]
         if self.use_reference and (cache is None or self.cfg.mode != "meo"):
             if self.cfg.mode == "meo":
                 return reference.merged_linear(xg, gates, ex.weight, ex.bias)
-            y = reference.moe_linear(xg.reshape(g * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias)
-            return y.view(g, tg, -1)
+            y = reference.moe_linear(xg.reshape(groups * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias)
+            return y.view(groups, tg, -1)
         if self.cfg.mode == "meo" and cache is not None:
-            block = self._use_cache(cache, ("merged",), routing.version, gates, tg)
+            # reference: always merge, one merged matrix per row (no host sync to find beam blocks)
+            block = 1 if self.use_reference else self._use_cache(cache, ("merged",), routing.version, gates, tg)
             if block:
                 return self._cached_merge(cache, "merged", routing.version, gates, ex, block).apply(xg)
-        elif self.cfg.mode == "meo" and self.choose_merge(g, tg, cached=False):
+        elif self.cfg.mode == "meo" and self.choose_merge(groups, tg, cached=False):
             return merged_linear(xg, gates, ex.weight, ex.bias, ex.grad_buffer)
         # vanilla MoE, or (blocked path only) MEO that mixes instead of merging where the cost
         # model says so (costs.py): the same function, computed as compute-then-mix
-        y = mix_linear(xg.reshape(g * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias, ex.grad_buffer)
-        return y.view(g, tg, -1)
+        y = mix_linear(xg.reshape(groups * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias, ex.grad_buffer)
+        return y.view(groups, tg, -1)
 
     @torch.no_grad()
     def upcycle_(self, weight: Tensor, bias: Optional[Tensor]):
@@ -324,7 +348,7 @@ class MoEFFN(_ExpertBase):
         if self.cfg.mode == "moe":
             return _grouped(x, routing, self._mix)
         cache = state if self._static_gates(routing, state) else None
-        return _grouped(x, routing, lambda *a: self._merge(*a, version=routing.version, cache=cache))
+        return _grouped(x, routing, lambda xg, g: self._merge(xg, g, version=routing.version, cache=cache))
 
     def _cached_step(self, x: Tensor, state: dict) -> Optional[Tensor]:
         """Decoding fast path of the shared router (see _fixed_step); None: not applicable."""
@@ -336,14 +360,16 @@ class MoEFFN(_ExpertBase):
             x = self.token_block(x)
         return hits[1].apply(self.activation_dropout(self.activation_fn(hits[0].apply(x))))
 
-    def _merge(self, xg, gates, idx, w, ce, version, cache):
+    def _merge(self, xg: Tensor, g: Gates, version: int, cache) -> Tensor:
+        """MEO FFN (expert unit ``ffn``): xg (G, Tg, d) -> (G, Tg, d)."""
+        gates, ce = g.gates, g.compressed
         e1, e2 = self.fc1.experts, self.fc2.experts
         s1, s2 = e1.input_scale(ce), e2.input_scale(ce)
         if s1 is not None:
             xg = xg * s1.unsqueeze(1).to(xg.dtype)
         if cache is not None:
             hits = self._hits(cache, ("merged1", "merged2"), version, gates.size(0))
-            block = hits[0].block if hits is not None else _runs(gates)
+            block = hits[0].block if hits is not None else (1 if self.use_reference else _runs(gates))
             h = self._cached_merge(cache, "merged1", version, gates, e1, block).apply(xg)
         elif self.use_reference:
             h = reference.merged_linear(xg, gates, e1.weight, e1.bias)
@@ -358,15 +384,17 @@ class MoEFFN(_ExpertBase):
             return reference.merged_linear(h, gates, e2.weight, e2.bias)
         return merged_linear(h, gates, e2.weight, e2.bias, e2.grad_buffer)
 
-    def _mix(self, xg, gates, idx, w, ce):
+    def _mix(self, xg: Tensor, g: Gates) -> Tensor:
+        """Vanilla MoE FFN (expert unit ``ffn``): xg (G, Tg, d) -> (G, Tg, d)."""
+        idx, w, ce = g.topk_idx, g.topk_gates, g.compressed
         e1, e2 = self.fc1.experts, self.fc2.experts
-        g, tg = xg.shape[:2]
+        groups, tg = xg.shape[:2]
         s1, s2 = e1.input_scale(ce), e2.input_scale(ce)
         if s1 is not None:
             xg = xg * s1.unsqueeze(1).to(xg.dtype)
         side = s2.repeat_interleave(tg, 0) if s2 is not None else None
         if self.use_reference:
-            return self._mix_reference(xg, idx, w, side).view(g, tg, -1)
+            return self._mix_reference(xg, idx, w, side).view(groups, tg, -1)
         # unbind once (see dispatch.mix_linear)
         w1, w2 = e1.weight.unbind(0), e2.weight.unbind(0)
         b1 = e1.bias.unbind(0) if e1.bias is not None else [None] * len(w1)
@@ -378,8 +406,8 @@ class MoEFFN(_ExpertBase):
                 h = h * se.to(h.dtype)
             return F.linear(h, w2[e], b2[e])
 
-        y = dispatch(xg.reshape(g * tg, -1).to(e1.weight.dtype), _expand(idx, tg), _expand(w, tg), ffn, e2.out_features, side)
-        return y.view(g, tg, -1)
+        y = dispatch(xg.reshape(groups * tg, -1).to(e1.weight.dtype), _expand(idx, tg), _expand(w, tg), ffn, e2.out_features, side)
+        return y.view(groups, tg, -1)
 
     def _mix_reference(self, xg, idx, w, side):
         """reference.moe_apply over whole-FFN experts: (G, Tg, d) -> (G * Tg, d)."""

@@ -51,12 +51,13 @@ class Routing:
         ce = self.ce[:, pick] if self.ce is not None else None
         return Routing(self.gates[:, pick], self.idx[:, pick], self.w[:, pick], ce, [0, b - a], self.version)
 
-    def flat(self):
-        """gates [G, N], idx, w [G, k], ce [G, N] or None with G = B * S."""
+    def flat(self) -> reference.Gates:
+        """The gates of the G = B * S groups, run-minor: gates (G, N), topk_idx/topk_gates (G, k),
+        compressed (G, N) or None."""
         b, s, n = self.gates.shape
         ce = self.ce.reshape(b * s, n) if self.ce is not None else None
         k = self.idx.size(-1)
-        return self.gates.reshape(b * s, n), self.idx.reshape(b * s, k), self.w.reshape(b * s, k), ce
+        return reference.Gates(self.gates.reshape(b * s, n), self.idx.reshape(b * s, k), self.w.reshape(b * s, k), ce)
 
 
 def _mean_weights(pad_mask: Tensor) -> Tensor:
