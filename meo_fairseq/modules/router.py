@@ -27,37 +27,43 @@ from .gating import NOISE_EPS, noisy_top_k_gating
 
 @dataclass
 class Routing:
-    """Gates of one call.
+    """Gates of one call, for S runs of consecutive positions that share a gate.
 
-    gates: [B, S, N] fp32 gates of the fully computed experts (zeros elsewhere); their sum is 1.
-    idx, w: [B, S, k_full] the same as indices and weights (for compute-then-mix).
-    ce: [B, S, N] renormalised gates of the compressed experts, or None.
-    bounds: S+1 positions along T delimiting the runs that share a gate; None for token routing
-        (then S == T and every token is its own run).
+    gates: (B, S, N) fp32 gates of the fully computed experts (zeros elsewhere); they sum to 1.
+    topk_idx, topk_gates: (B, S, kf) the same as expert indices and gates (for compute-then-mix).
+    compressed: (B, S, N) renormalised gates of the compressed experts, or None.
+    bounds: S+1 positions along T delimiting the runs; None for token routing (S == T).
     version: for incremental decoding, changes whenever the gates change (cache key).
     """
 
     gates: Tensor
-    idx: Tensor
-    w: Tensor
-    ce: Optional[Tensor]
+    topk_idx: Tensor
+    topk_gates: Tensor
+    compressed: Optional[Tensor]
     bounds: Optional[List[int]]
     version: int = -1
+
+    # the former names
+    idx = property(lambda self: self.topk_idx)
+    w = property(lambda self: self.topk_gates)
+    ce = property(lambda self: self.compressed)
 
     def run(self, s: int) -> "Routing":
         """The routing of run ``s`` alone (bounds relative to that run)."""
         a, b = self.bounds[s], self.bounds[s + 1]
         pick = slice(s, s + 1)
-        ce = self.ce[:, pick] if self.ce is not None else None
-        return Routing(self.gates[:, pick], self.idx[:, pick], self.w[:, pick], ce, [0, b - a], self.version)
+        comp = self.compressed[:, pick] if self.compressed is not None else None
+        return Routing(self.gates[:, pick], self.topk_idx[:, pick], self.topk_gates[:, pick], comp, [0, b - a], self.version)
 
     def flat(self) -> reference.Gates:
-        """The gates of the G = B * S groups, run-minor: gates (G, N), topk_idx/topk_gates (G, k),
+        """The gates of the G = B * S groups, run-minor: gates (G, N), topk_idx/topk_gates (G, kf),
         compressed (G, N) or None."""
         b, s, n = self.gates.shape
-        ce = self.ce.reshape(b * s, n) if self.ce is not None else None
-        k = self.idx.size(-1)
-        return reference.Gates(self.gates.reshape(b * s, n), self.idx.reshape(b * s, k), self.w.reshape(b * s, k), ce)
+        comp = self.compressed.reshape(b * s, n) if self.compressed is not None else None
+        k = self.topk_idx.size(-1)
+        return reference.Gates(
+            self.gates.reshape(b * s, n), self.topk_idx.reshape(b * s, k), self.topk_gates.reshape(b * s, k), comp
+        )
 
 
 def _mean_weights(pad_mask: Tensor) -> Tensor:
