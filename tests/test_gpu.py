@@ -110,14 +110,16 @@ def _step(m, x, probe):
     return y, xi.grad, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("impl", ["reference", "blocked"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_expert_ffn_on_cuda_matches_fp32_cpu(variant, dtype):
-    """Every expert layer on the GPU, fp32 and half precision, against fp32 on the CPU: same
-    experts selected (identical outputs up to rounding), same gradients."""
+def test_expert_ffn_on_cuda_matches_fp32_cpu(variant, dtype, impl):
+    """Every expert layer on the GPU (both implementations), fp32 and half precision, against the
+    blocked fp32 path on the CPU: same experts selected (identical outputs up to rounding), same
+    gradients."""
     dim, ffn, experts, k = 64, 256, 8, 2
-    ref = build(variant, dim, ffn, experts, k, "cpu", torch.float32, seed=5)
-    gpu = build(variant, dim, ffn, experts, k, CUDA, dtype, seed=5)
+    ref = build(variant, dim, ffn, experts, k, "cpu", torch.float32, seed=5, impl="blocked")
+    gpu = build(variant, dim, ffn, experts, k, CUDA, dtype, seed=5, impl=impl)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, 40, dim, generator=g)
     probe = torch.randn(6, 40, dim, generator=g)
@@ -142,7 +144,7 @@ def test_expert_ffn_on_cuda_matches_fp32_cpu(variant, dtype):
 def test_fused_gating_on_cuda_equals_reference(balance):
     """The fused training gate (modules/gating.py) against the step-by-step router, on the GPU."""
     cfg = MoEConfig(mode="meo", level="sequence", routing="sequence", experts=8, top_k=2, balance_loss=balance,
-                    z_loss_weight=1e-2, gate_noise=True, balance_weight=0.1)
+                    z_loss_weight=1e-2, gate_noise=True, balance_weight=0.1, impl="blocked")
     x = torch.randn(12, 16, generator=torch.Generator().manual_seed(0)).to(CUDA)
     mask = torch.tensor([True, False, True] * 4, device=CUDA)
     outs = []
@@ -164,6 +166,40 @@ def test_fused_gating_on_cuda_equals_reference(balance):
     assert torch.equal(outs[0][1], outs[1][1])
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["meo", "meo-token", "moe-token"])
+def test_compiled_reference_path_on_cuda_equals_eager(variant):
+    """torch.compile(fullgraph=True) of a bf16 training step on the GPU (grouped_mm for the
+    token-level MoE), against eager, with inductor drawing the gate noise as eager does."""
+    import torch._inductor.config as inductor_config
+
+    m = build(variant, 64, 256, 8, 2, CUDA, torch.bfloat16, seed=5, impl="reference").train()
+    x = torch.randn(4, 32, 64, device=CUDA, dtype=torch.bfloat16)
+
+    def loss_fn(inp):
+        y = m(inp)
+        return y.float().square().sum() + sum(r.aux_loss for r in m.routers())
+
+    def step(fn):
+        for p in m.parameters():
+            p.grad = None
+        torch.manual_seed(4)
+        xi = x.clone().requires_grad_(True)
+        loss = fn(xi)
+        loss.backward()
+        return [loss, xi.grad] + [p.grad for p in m.parameters() if p.grad is not None]
+
+    old = inductor_config.fallback_random
+    inductor_config.fallback_random = True
+    try:
+        torch._dynamo.reset()
+        compiled = step(torch.compile(loss_fn, fullgraph=True))
+    finally:
+        inductor_config.fallback_random = old
+    eager = step(loss_fn)
+    for a, b in zip(compiled, eager):
+        assert _rel(a, b) < 3e-2
 
 
 # ---- fairseq on the GPU --------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from meo_fairseq.modules import ExpertLinear, MoEConfig, MoEFFN, Router, StackedExperts, TokenBlock, reorder_state
+from meo_fairseq.modules import decoding as decoding_mod
 from meo_fairseq.modules import layer as layer_mod
 
 D = torch.float64
@@ -418,13 +419,13 @@ def test_decoding_merges_once_per_gate_change(monkeypatch, kind, keys, routing, 
     """One merge per source (encoder), per segment, per prefix phase; cached in between."""
     m = make(kind, cfg_for("meo", routing, 6, 2, merge_min_tokens=0)).eval()
     calls = []
-    real = layer_mod.merge_weights
+    real = decoding_mod.merge_weights
 
     def spy(*a, **kw):
         calls.append(a[0].shape)
         return real(*a, **kw)
 
-    monkeypatch.setattr(layer_mod, "merge_weights", spy)
+    monkeypatch.setattr(decoding_mod, "merge_weights", spy)
     x, ctx = data(2, 8, routing)
     with torch.no_grad():
         yi, state = decode(m, x, ctx, [1] * 8)
@@ -436,13 +437,13 @@ def test_decoding_merges_once_per_gate_change(monkeypatch, kind, keys, routing, 
 
 def test_runs_finds_beam_blocks():
     a, b, c = torch.eye(3, dtype=D)
-    assert layer_mod._runs(torch.stack([a, a, b, b, c, c])) == 2
-    assert layer_mod._runs(torch.stack([a, a, b, b, a, a])) == 2  # equal gates of other sentences
-    assert layer_mod._runs(torch.stack([a, a, a, a])) == 4  # one sentence, four beams
-    assert layer_mod._runs(torch.stack([a, a, b])) == 1  # uneven
-    assert layer_mod._runs(torch.stack([a, b, a, b])) == 1
-    assert layer_mod._runs(torch.stack([a, a, b, c])) == 1
-    assert layer_mod._runs(a.unsqueeze(0)) == 1
+    assert decoding_mod._runs(torch.stack([a, a, b, b, c, c])) == 2
+    assert decoding_mod._runs(torch.stack([a, a, b, b, a, a])) == 2  # equal gates of other sentences
+    assert decoding_mod._runs(torch.stack([a, a, a, a])) == 4  # one sentence, four beams
+    assert decoding_mod._runs(torch.stack([a, a, b])) == 1  # uneven
+    assert decoding_mod._runs(torch.stack([a, b, a, b])) == 1
+    assert decoding_mod._runs(torch.stack([a, a, b, c])) == 1
+    assert decoding_mod._runs(a.unsqueeze(0)) == 1
 
 
 @pytest.mark.parametrize("kind,keys", [("linear", ("merged",)), ("ffn-unit", ("merged1", "merged2"))])
@@ -451,8 +452,8 @@ def test_beam_search_merges_once_per_sentence(monkeypatch, kind, keys):
     reorders, shrinking batches and (falling back to one per row) orders that mix sentences."""
     m = make(kind, cfg_for("meo", "encoder", 6, 2, merge_min_tokens=0)).eval()
     rows = []
-    real = layer_mod.merge_weights
-    monkeypatch.setattr(layer_mod, "merge_weights", lambda g, *a: rows.append(g.size(0)) or real(g, *a))
+    real = decoding_mod.merge_weights
+    monkeypatch.setattr(decoding_mod, "merge_weights", lambda g, *a: rows.append(g.size(0)) or real(g, *a))
     beam, t = 3, 6
     xs, ctx = data(4, t, "encoder")
     x = xs.repeat_interleave(beam, 0)  # 4 sentences x 3 beams, consecutive as in fairseq

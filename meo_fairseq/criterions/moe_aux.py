@@ -13,7 +13,6 @@ the model's); ``moe_aux`` is logged beside it. The logged statistics are layer a
 with a ``moe_batches`` count, so logging outputs can be summed across workers (fairseq's fast path).
 """
 
-import math
 
 import torch
 from fairseq import metrics

@@ -28,8 +28,9 @@ from .config import MoEConfig, resolve_impl
 from .costs import CALL_COST, GROUP_COST, STREAM_COST, choose_merge  # noqa: F401  (old names kept here)
 from .dispatch import dispatch, mix_linear
 from .experts import StackedExperts, TokenBlock
-from .merge import apply_merged, merge_weights, merged_linear
+from .merge import merged_linear
 from .reference import Gates
+from .decoding import CachedMerges, MergedCache, _runs, reorder_state  # noqa: F401  (old names kept here)
 from .router import Router, Routing
 
 
@@ -61,56 +62,6 @@ def _expand(t: Tensor, tokens: int) -> Tensor:
     return t.unsqueeze(1).expand(t.size(0), tokens, t.size(1)).reshape(-1, t.size(1))
 
 
-def _runs(gates: Tensor) -> int:
-    """Rows per block when gates [G, N] come in blocks of equal consecutive rows of one length
-    (beam search repeats a sentence's gates over its beams), else 1."""
-    g = gates.size(0)
-    if g < 2:
-        return 1
-    starts = torch.ones(g, dtype=torch.bool, device=gates.device)
-    starts[1:] = (gates[1:] != gates[:-1]).any(1)
-    s = int(starts.sum())
-    if g % s or s == g:
-        return 1
-    b = g // s
-    return b if bool(starts.view(s, b)[:, 0].all()) and not bool(starts.view(s, b)[:, 1:].any()) else 1
-
-
-class MergedCache:
-    """Merged weights of fixed gates, kept across decoding steps (``version``: the router's).
-
-    Rows come in blocks of ``block`` rows with the same gates (the beams of a sentence), so the
-    weights are merged once per block: ``weight`` [G / block, out, in], ``bias`` [G / block, out].
-    ``reorder`` follows beam search; an order that mixes blocks falls back to one matrix per row.
-    """
-
-    def __init__(self, version: int, rows: int, block: int, weight: Tensor, bias: Optional[Tensor]):
-        self.version, self.rows, self.block, self.weight, self.bias = version, rows, block, weight, bias
-
-    @classmethod
-    def build(cls, version: int, gates: Tensor, experts: StackedExperts, block: int = 1) -> "MergedCache":
-        w, b = merge_weights(gates[::block], experts.weight, experts.bias)
-        return cls(version, gates.size(0), block, w, b)
-
-    def apply(self, x: Tensor) -> Tensor:
-        """x [rows, t, in] -> [rows, t, out]."""
-        rows, t = x.shape[:2]
-        s = self.weight.size(0)
-        return apply_merged(x.reshape(s, self.block * t, -1), self.weight, self.bias).view(rows, t, -1)
-
-    def reorder(self, new_order: Tensor) -> "MergedCache":
-        n, b = new_order.numel(), self.block
-        src = torch.div(new_order, b, rounding_mode="floor")  # source block of every new row
-        if b > 1 and n % b == 0:
-            blocks = src.view(-1, b)
-            if bool((blocks == blocks[:, :1]).all()):  # every new block comes from one old block
-                pick = blocks[:, 0]
-                if pick.numel() == self.weight.size(0) and torch.equal(pick, torch.arange(pick.numel(), device=pick.device)):
-                    return MergedCache(self.version, n, b, self.weight, self.bias)  # beams moved inside their sentences
-                return MergedCache(self.version, n, b, self.weight.index_select(0, pick), _select(self.bias, pick))
-        return MergedCache(self.version, n, 1, self.weight.index_select(0, src), _select(self.bias, src))
-
-
 def set_impl(module: nn.Module, impl: str):
     """Switch every expert layer and router under ``module`` to ``impl`` (auto, reference or
     blocked; ``auto`` resolves now). Parameters and outputs stay the same."""
@@ -122,36 +73,7 @@ def set_impl(module: nn.Module, impl: str):
             m.reference = impl == "reference"
 
 
-def _select(t: Optional[Tensor], index: Tensor) -> Optional[Tensor]:
-    return t.index_select(0, index) if t is not None else None
-
-
-def reorder_state(state, new_order: Tensor):
-    """Reorder an incremental-decoding state (beam search): every tensor is batch-first.
-
-    fairseq reorders at every step; an identity order (greedy decoding, nothing finished) leaves
-    the state as it is (checked on the CPU only, where it saves copying cached merged weights)."""
-    n = new_order.numel()
-    if new_order.device.type == "cpu" and n and torch.equal(new_order, torch.arange(n, dtype=new_order.dtype)):
-        return _reorder(state, new_order, n)
-    return _reorder(state, new_order, None)
-
-
-def _reorder(state, new_order: Tensor, identity_size: Optional[int]):
-    if isinstance(state, MergedCache):
-        return state if state.rows == identity_size else state.reorder(new_order)
-    if isinstance(state, Tensor):
-        if state.dim() == 0 or state.size(0) == identity_size:
-            return state
-        return state.index_select(0, new_order)
-    if isinstance(state, dict):
-        return {k: _reorder(v, new_order, identity_size) for k, v in state.items()}
-    if isinstance(state, (tuple, list)):
-        return type(state)(_reorder(v, new_order, identity_size) for v in state)
-    return state
-
-
-class _ExpertBase(nn.Module):
+class _ExpertBase(CachedMerges, nn.Module):
     cfg: MoEConfig
     impl: str = "blocked"
     router: Optional[Router]
@@ -181,51 +103,6 @@ class _ExpertBase(nn.Module):
             cfg.experts, cfg.full_experts, self.experts.weight[0].numel(), groups, tokens_per_group, cached,
             cfg.merge_min_tokens,
         )
-
-    def _static_gates(self, routing: Routing, state) -> bool:
-        """Incremental decoding with one run whose gates stay for later steps (cacheable)."""
-        return (
-            state is not None
-            and routing.bounds is not None
-            and len(routing.bounds) == 2
-            and self.cfg.routing != "full"
-        )
-
-    @staticmethod
-    def _hits(state, keys, version, rows: int) -> Optional[list]:
-        """The cached merged weights under ``keys`` if all are for these gates and rows, else None."""
-        hits = [state.get(k) for k in keys]
-        if all(h is not None and h.version == version and h.rows == rows for h in hits):
-            return hits
-        return None
-
-    def _fixed_step(self, state, keys, router: Router, x: Tensor, scaled: bool) -> Optional[list]:
-        """Decoding fast path: when the gates are fixed for the rest of the sentence and their
-        merged weights are cached, advance the router without routing and return the caches."""
-        rs = state.get("router")
-        if rs is None or scaled or not router.gates_fixed(rs):
-            return None
-        hits = self._hits(state, keys, rs.get("version"), x.size(0))
-        if hits is not None:
-            router.skip(rs, x.size(1))
-        return hits
-
-    def _use_cache(self, state, keys, version, gates: Tensor, tokens_per_group: int) -> int:
-        """Decoding with fixed gates: the rows per block sharing gates if cached merged weights
-        (merged once per block) should run rather than mixing (the cost model), else 0."""
-        hits = self._hits(state, keys, version, gates.size(0))
-        if hits is not None:
-            return hits[0].block
-        block = _runs(gates)
-        return block if self.choose_merge(gates.size(0) // block, tokens_per_group * block, cached=True) else 0
-
-    @staticmethod
-    def _cached_merge(state, key, version, gates, experts: StackedExperts, block: int) -> MergedCache:
-        hit = state.get(key)
-        if hit is None or hit.version != version or hit.rows != gates.size(0):
-            hit = state[key] = MergedCache.build(version, gates, experts, block)
-        return hit
-
 
 class ExpertLinear(_ExpertBase):
     """A linear layer made of N experts: ``experts`` (StackedExperts), ``router`` (own router,

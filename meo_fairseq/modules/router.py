@@ -239,7 +239,7 @@ class Router(nn.Module):
         experts [G, N] and (noisy training, CV loss) the smooth load estimate [G, N], over the
         groups where aux_mask [G] is True. The CV loss only sums over groups, so masked groups
         are zeroed instead of indexed out (fewer ops); the switch and z-losses index them out."""
-        n, cfg = self.num_experts, self.cfg
+        cfg = self.cfg
         zero = clean.new_zeros(())
         if gates.size(0) == 0 or (aux_mask is not None and not bool(aux_mask.any())):
             self.aux_loss = zero
@@ -349,84 +349,15 @@ class Router(nn.Module):
         shape = lambda t: t.reshape(bsz, s, *t.shape[1:]) if t is not None else None  # noqa: E731
         return Routing(shape(gates), shape(idx), shape(w), shape(ce), bounds, version)
 
-    # ---- incremental decoding -----------------------------------------------------------
+    # ---- incremental decoding (decoding.py) --------------------------------------------
     def gates_fixed(self, state: dict) -> bool:
-        """Incremental decoding: are the gates of ``state`` those of every later position?
-        (encoder routing once routed, prefix routing past the prefix)"""
-        r = self.cfg.routing
-        return (r == "encoder" and "gates" in state) or (r == "prefix" and bool(state.get("routed")))
+        return decoding.gates_fixed(self, state)
 
     def skip(self, state: dict, t: int):
-        """Advance ``state`` by t positions whose gates are fixed (see gates_fixed), without routing."""
-        if self.aux_loss is not None or self.summary is not None:  # (a module's setattr is slow)
-            self.aux_loss, self.summary = None, None
-        state["pos"] = state.get("pos", 0) + t
+        decoding.skip(self, state, t)
 
     def _incremental(self, x, pad_mask, context, state) -> Routing:
-        """Gates for new positions x [B, t, d], consistent with the teacher-forced forward."""
-        r, cfg = self.cfg.routing, self.cfg
-        bsz, t, _ = x.shape
-        if r == "token":  # (decoding: no auxiliary loss, as for the cached gates of other routings)
-            return self._pack(self.route(x.reshape(bsz * t, -1), aux=False), bsz, t, None)
-        if r == "sequence":
-            raise ValueError("sequence routing is not causal; a decoder needs encoder/segment/prefix/full")
-        p0 = state.get("pos", 0)
-        if self.gates_fixed(state):  # one run with the cached gates ([B, ...] = one run stacked)
-            state["pos"] = p0 + t
-            return self._pack(state["gates"], bsz, 1, [0, t], state["version"])
-        keep = torch.ones(bsz, t, 1, device=x.device) if pad_mask is None else (~pad_mask).float().unsqueeze(-1)
-        xk = x.float() * keep
-        runs, bounds = [], [0]
-        p, end = p0, p0 + t
-
-        def accumulate(a, b):
-            state["sum"] = state.get("sum", 0) + xk[:, a - p0 : b - p0].sum(1)
-            state["count"] = state.get("count", 0) + keep[:, a - p0 : b - p0].sum(1)
-
-        def set_gates(parts):
-            state["gates"] = parts
-            state["version"] = state.get("version", 0) + 1
-
-        def routed_or_default():
-            cnt = state["count"].squeeze(-1)
-            valid = cnt > 0
-            routed = self.route(state["sum"] / cnt.clamp(min=1.0).unsqueeze(-1), aux=False)
-            return _where(valid, routed, self.default_gate(bsz))
-
-        while p < end:
-            if r == "encoder":
-                if "gates" not in state:
-                    set_gates(self.route(context, aux=False))
-                q = end
-            elif r == "segment":
-                seg = cfg.segment_length
-                if p % seg == 0:
-                    set_gates(self.default_gate(bsz) if p == 0 else routed_or_default())
-                    state.pop("sum", None), state.pop("count", None)
-                q = min(end, (p // seg + 1) * seg)
-                accumulate(p, q)
-            elif r == "prefix":
-                pl = cfg.prefix_length
-                if p < pl:
-                    if "gates" not in state:
-                        set_gates(self.default_gate(bsz))
-                    q = min(end, pl)
-                    accumulate(p, q)
-                else:
-                    if not state.get("routed"):
-                        set_gates(routed_or_default())
-                        state["routed"] = True
-                    q = end
-            else:  # full: route on the running mean of everything seen (re-merges every step)
-                q = p + 1
-                accumulate(p, q)
-                set_gates(routed_or_default())
-            runs.append(state["gates"])
-            bounds.append(q - p0)
-            p = q
-        state["pos"] = end
-        parts = _stack(runs)
-        return self._pack(parts, bsz, len(runs), bounds, state.get("version", -1))
+        return decoding.incremental_routing(self, x, pad_mask, context, state)
 
 
 def summarize(summaries: Tensor) -> Dict[str, Tensor]:
@@ -475,3 +406,6 @@ def _prob_in_top_k(clean: Tensor, noisy: Tensor, std: Tensor, top: Tensor) -> Te
     p_in = torch.special.ndtr((clean - thr_in) / std)
     p_out = torch.special.ndtr((clean - thr_out) / std)
     return torch.where(noisy > thr_in, p_in, p_out)
+
+
+from . import decoding  # noqa: E402  (decoding.py imports this module)
