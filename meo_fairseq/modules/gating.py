@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import losses
+
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 NOISE_EPS = 1e-2  # floor of the noise scale
 
@@ -167,3 +169,116 @@ def noisy_top_k_gating(inp: Tensor, w_gate: Tensor, w_noise: Tensor, noise: Opti
     """See :class:`NoisyTopKGating`; inp [G, d] fp32, noise [G, N] standard normal or None
     (no noise), keep [G] float (1 = counts in the auxiliary loss) or None (all)."""
     return NoisyTopKGating.apply(inp, w_gate, w_noise, noise, keep, k, balance, balance_weight, z_weight)
+
+
+# ---- the blocked path's router (Router.route with impl="blocked") ---------------------------------
+
+
+def route_blocked(router, inp: Tensor, aux_mask: Optional[Tensor], aux: bool, noisy: bool):
+    """Router.route on the blocked path: the fused node where it applies (cv/none balance loss, no
+    compressed experts), else the step-by-step reference below (Router.fused = False forces it).
+    inp (G, d) fp32. Returns (gates (G, N), topk_idx, topk_gates (G, kf), compressed or None)."""
+    if aux and router.fused and not router.cfg.compressed_experts and router.cfg.balance_loss in ("cv", "none"):
+        if aux_mask is None or bool(aux_mask.any()):
+            return _route_fused(router, inp, aux_mask, noisy)
+    clean = inp @ router.w_gate.float()
+    logits = clean
+    if noisy:
+        std = F.softplus(inp @ router.w_noise.float()) + NOISE_EPS
+        logits = clean + torch.randn_like(clean) * std
+    # the smooth load estimate needs the (k+1)-th noisy logit too: one top-k for both
+    smooth = aux and noisy and router.cfg.balance_loss == "cv" and router.cfg.top_k < router.num_experts
+    gk, ik, top_v, top = _select(router, logits, int(smooth))
+    if not aux:
+        return _split(router, gk, ik, top_v)
+    selected = gk.new_zeros(gk.size(0), router.num_experts).scatter(1, ik, gk)  # [G, N], all k
+    load = _prob_in_top_k(clean, logits, std, top) if smooth else None
+    _aux(router, clean, selected, load, aux_mask)
+    return _split(router, gk, ik, top_v, selected)
+
+
+def _select(router, logits: Tensor, extra: int = 0):
+    """Top-k of logits [G, N] -> (gates over the k [G, k], indices [G, k], the k logits [G, k],
+    the top k + extra logits [G, k + extra]), sorted descending (one top-k for both)."""
+    k = router.cfg.top_k
+    top_v, top_i = logits.topk(k + extra, dim=-1)
+    if extra:
+        top_v, top_i, top = top_v[:, :k], top_i[:, :k], top_v
+    else:
+        top = top_v
+    return torch.softmax(top_v, dim=-1), top_i, top_v, top
+
+
+def _split(router, gk: Tensor, ik: Tensor, top_v: Tensor, selected: Optional[Tensor] = None):
+    """Split the top-k into full and compressed experts; dense gates [G, N] of each part.
+    ``selected``: the dense gates [G, N] of all k (reused when every expert is full)."""
+    n, kf = router.num_experts, router.cfg.full_experts
+    w, idx = gk[:, :kf], ik[:, :kf]
+    ce = None
+    if router.cfg.compressed_experts:
+        # Renormalised gates of each part, as a softmax over that part's own logits (the same
+        # values as gk[part] / gk[part].sum(), but without 0/0 = NaN when the compressed
+        # gates underflow to zero for large logit gaps).
+        w = torch.softmax(top_v[:, :kf], dim=-1)
+        wc = torch.softmax(top_v[:, kf:], dim=-1)
+        ce = gk.new_zeros(gk.size(0), n).scatter(1, ik[:, kf:], wc)
+    elif selected is not None:
+        return selected, idx, w, ce
+    gates = gk.new_zeros(gk.size(0), n).scatter(1, idx, w)
+    return gates, idx, w, ce
+
+
+def _route_fused(router, inp: Tensor, aux_mask: Optional[Tensor], noisy: bool):
+    """route() with the gating and its auxiliary loss as one autograd node (gating.py)."""
+    cfg, n = router.cfg, router.num_experts
+    noise = torch.randn(inp.size(0), n, dtype=inp.dtype, device=inp.device) if noisy else None  # (as randn_like(clean))
+    keep = aux_mask.float() if aux_mask is not None else None
+    gates, w, idx, router.aux_loss, st = noisy_top_k_gating(
+        inp, router.w_gate.float(), router.w_noise.float(), noise, keep, cfg.top_k, cfg.balance_loss, cfg.balance_weight, cfg.z_loss_weight
+    )
+    router.summary = st
+    return gates, idx, w, None
+
+
+def _aux(router, clean: Tensor, gates: Tensor, load: Optional[Tensor], aux_mask: Optional[Tensor]):
+    """Auxiliary loss and statistics from the clean logits [G, N], the gates of all k selected
+    experts [G, N] and (noisy training, CV loss) the smooth load estimate [G, N], over the
+    groups where aux_mask [G] is True. The CV loss only sums over groups, so masked groups
+    are zeroed instead of indexed out (fewer ops); the switch and z-losses index them out."""
+    cfg = router.cfg
+    zero = clean.new_zeros(())
+    if gates.size(0) == 0 or (aux_mask is not None and not bool(aux_mask.any())):
+        router.aux_loss = zero
+        router.summary = None
+        return
+    keep = None if aux_mask is None else aux_mask.to(gates.dtype).unsqueeze(1)  # [G, 1]
+    real = (lambda t: t) if aux_mask is None else (lambda t: t[aux_mask])  # noqa: E731
+    if keep is not None:
+        gates = gates * keep
+    if cfg.balance_loss == "cv":
+        if load is None:
+            load = (gates > 0).to(gates.dtype)  # (masked groups are already zero)
+        elif keep is not None:
+            load = load * keep
+        balance = losses.cv_loss(gates, load.sum(0))
+    elif cfg.balance_loss == "switch":
+        balance = losses.switch_loss(real(clean), real(gates))
+    else:
+        balance = zero
+    zl = losses.z_loss(real(clean)) if cfg.z_loss_weight > 0 else zero
+    router.aux_loss = cfg.balance_weight * balance + cfg.z_loss_weight * zl
+    with torch.no_grad():
+        router.summary = torch.cat([gates.sum(0), torch.stack([balance, zl])])
+
+
+def _prob_in_top_k(clean: Tensor, noisy: Tensor, std: Tensor, top: Tensor) -> Tensor:
+    """Smooth load estimate of noisy top-k gating (Shazeer et al. 2017, appendix A): [G, N].
+
+    top: the k + 1 largest noisy logits [G, k + 1], sorted descending."""
+    k = top.size(1) - 1
+    thr_in = top[:, k : k + 1]
+    thr_out = top[:, k - 1 : k]
+    # standard normal CDF (torch.distributions.Normal validates its arguments at every call)
+    p_in = torch.special.ndtr((clean - thr_in) / std)
+    p_out = torch.special.ndtr((clean - thr_out) / std)
+    return torch.where(noisy > thr_in, p_in, p_out)

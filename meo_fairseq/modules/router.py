@@ -10,19 +10,16 @@ is exposed as ``router.aux_loss`` (already weighted) and routing statistics as `
 at once).
 """
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import losses, reference
+from . import reference
 from .config import MoEConfig, resolve_impl
-from .gating import NOISE_EPS, noisy_top_k_gating
 
 
 @dataclass
@@ -147,35 +144,6 @@ class Router(nn.Module):
         return {k: v[0] for k, v in summarize(self.summary.unsqueeze(0)).items()}
 
     # ---- gating -------------------------------------------------------------------------
-    def _select(self, logits: Tensor, extra: int = 0):
-        """Top-k of logits [G, N] -> (gates over the k [G, k], indices [G, k], the k logits [G, k],
-        the top k + extra logits [G, k + extra]), sorted descending (one top-k for both)."""
-        k = self.cfg.top_k
-        top_v, top_i = logits.topk(k + extra, dim=-1)
-        if extra:
-            top_v, top_i, top = top_v[:, :k], top_i[:, :k], top_v
-        else:
-            top = top_v
-        return torch.softmax(top_v, dim=-1), top_i, top_v, top
-
-    def _split(self, gk: Tensor, ik: Tensor, top_v: Tensor, selected: Optional[Tensor] = None):
-        """Split the top-k into full and compressed experts; dense gates [G, N] of each part.
-        ``selected``: the dense gates [G, N] of all k (reused when every expert is full)."""
-        n, kf = self.num_experts, self.cfg.full_experts
-        w, idx = gk[:, :kf], ik[:, :kf]
-        ce = None
-        if self.cfg.compressed_experts:
-            # Renormalised gates of each part, as a softmax over that part's own logits (the same
-            # values as gk[part] / gk[part].sum(), but without 0/0 = NaN when the compressed
-            # gates underflow to zero for large logit gaps).
-            w = torch.softmax(top_v[:, :kf], dim=-1)
-            wc = torch.softmax(top_v[:, kf:], dim=-1)
-            ce = gk.new_zeros(gk.size(0), n).scatter(1, ik[:, kf:], wc)
-        elif selected is not None:
-            return selected, idx, w, ce
-        gates = gk.new_zeros(gk.size(0), n).scatter(1, idx, w)
-        return gates, idx, w, ce
-
     def route(self, inp: Tensor, aux_mask: Optional[Tensor] = None, aux: bool = True):
         """Gate router inputs inp [G, d] (any dtype; computed in fp32).
 
@@ -195,74 +163,13 @@ class Router(nn.Module):
             if loss is not None:
                 self.aux_loss, self.summary = loss
             return g.gates, g.topk_idx, g.topk_gates, g.compressed
-        if aux and self.fused and not self.cfg.compressed_experts and self.cfg.balance_loss in ("cv", "none"):
-            if aux_mask is None or bool(aux_mask.any()):
-                return self._route_fused(inp, aux_mask, noisy)
-        clean = inp @ self.w_gate.float()
-        logits = clean
-        if noisy:
-            std = F.softplus(inp @ self.w_noise.float()) + NOISE_EPS
-            logits = clean + torch.randn_like(clean) * std
-        # the smooth load estimate needs the (k+1)-th noisy logit too: one top-k for both
-        smooth = aux and noisy and self.cfg.balance_loss == "cv" and self.cfg.top_k < self.num_experts
-        gk, ik, top_v, top = self._select(logits, int(smooth))
-        if not aux:
-            return self._split(gk, ik, top_v)
-        selected = gk.new_zeros(gk.size(0), self.num_experts).scatter(1, ik, gk)  # [G, N], all k
-        load = _prob_in_top_k(clean, logits, std, top) if smooth else None
-        self._aux(clean, selected, load, aux_mask)
-        return self._split(gk, ik, top_v, selected)
-
-    def _route_fused(self, inp: Tensor, aux_mask: Optional[Tensor], noisy: bool):
-        """route() with the gating and its auxiliary loss as one autograd node (gating.py)."""
-        cfg, n = self.cfg, self.num_experts
-        noise = torch.randn(inp.size(0), n, dtype=inp.dtype, device=inp.device) if noisy else None  # (as randn_like(clean))
-        keep = aux_mask.float() if aux_mask is not None else None
-        gates, w, idx, self.aux_loss, st = noisy_top_k_gating(
-            inp, self.w_gate.float(), self.w_noise.float(), noise, keep, cfg.top_k, cfg.balance_loss, cfg.balance_weight, cfg.z_loss_weight
-        )
-        self.summary = st
-        return gates, idx, w, None
+        return gating.route_blocked(self, inp, aux_mask, aux, noisy)
 
     def default_gate(self, groups: int):
         """The learned input-independent gate, repeated for ``groups`` groups."""
         logits = self.default_logits.float().unsqueeze(0)  # (1, N)
-        if self.reference or torch.compiler.is_compiling():
-            parts = reference.top_k_gates(logits, self.cfg.top_k, self.cfg.compressed_experts)
-            parts = (parts.gates, parts.topk_idx, parts.topk_gates, parts.compressed)
-        else:
-            parts = self._split(*self._select(logits)[:3])
+        parts = reference.top_k_gates(logits, self.cfg.top_k, self.cfg.compressed_experts)
         return tuple(p.expand(groups, *p.shape[1:]) if p is not None else None for p in parts)
-
-    def _aux(self, clean: Tensor, gates: Tensor, load: Optional[Tensor], aux_mask: Optional[Tensor]):
-        """Auxiliary loss and statistics from the clean logits [G, N], the gates of all k selected
-        experts [G, N] and (noisy training, CV loss) the smooth load estimate [G, N], over the
-        groups where aux_mask [G] is True. The CV loss only sums over groups, so masked groups
-        are zeroed instead of indexed out (fewer ops); the switch and z-losses index them out."""
-        cfg = self.cfg
-        zero = clean.new_zeros(())
-        if gates.size(0) == 0 or (aux_mask is not None and not bool(aux_mask.any())):
-            self.aux_loss = zero
-            self.summary = None
-            return
-        keep = None if aux_mask is None else aux_mask.to(gates.dtype).unsqueeze(1)  # [G, 1]
-        real = (lambda t: t) if aux_mask is None else (lambda t: t[aux_mask])  # noqa: E731
-        if keep is not None:
-            gates = gates * keep
-        if cfg.balance_loss == "cv":
-            if load is None:
-                load = (gates > 0).to(gates.dtype)  # (masked groups are already zero)
-            elif keep is not None:
-                load = load * keep
-            balance = losses.cv_loss(gates, load.sum(0))
-        elif cfg.balance_loss == "switch":
-            balance = losses.switch_loss(real(clean), real(gates))
-        else:
-            balance = zero
-        zl = losses.z_loss(real(clean)) if cfg.z_loss_weight > 0 else zero
-        self.aux_loss = cfg.balance_weight * balance + cfg.z_loss_weight * zl
-        with torch.no_grad():
-            self.summary = torch.cat([gates.sum(0), torch.stack([balance, zl])])
 
     # ---- granularities ------------------------------------------------------------------
     def forward(self, *args, **kwargs) -> Routing:
@@ -288,58 +195,7 @@ class Router(nn.Module):
             raise ValueError("--moe-decoder-routing encoder needs the encoder output as context")
         if state is not None:
             return self._incremental(x, pad_mask, context, state)
-        bsz, t, _ = x.shape
-        if r == "token":
-            keep = None if pad_mask is None else ~pad_mask.reshape(-1)
-            parts = self.route(x.reshape(bsz * t, -1), keep)
-            return self._pack(parts, bsz, t, None)
-        if r == "encoder":
-            return self._pack(self.route(context), bsz, 1, [0, t])
-        if r in ("sequence", "full"):
-            keep = None if pad_mask is None else (~pad_mask).any(1)
-            return self._pack(self.route(self._mean(x, pad_mask), keep), bsz, 1, [0, t])
-        if r == "prefix":
-            p = self.cfg.prefix_length
-            if t <= p:
-                return self._pack(self.default_gate(bsz), bsz, 1, [0, t])
-            head_mask = pad_mask[:, :p] if pad_mask is not None else None
-            mean = self._mean(x[:, :p], head_mask)
-            if pad_mask is None:
-                routed = self.route(mean)
-            else:  # no real token in the prefix: default gate; aux over routed, non-empty tails
-                valid = (~head_mask).any(1)
-                routed = self.route(mean, valid & (~pad_mask[:, p:]).any(1))
-                routed = _where(valid, routed, self.default_gate(bsz))
-            return self._pack(_stack([self.default_gate(bsz), routed]), bsz, 2, [0, p, t])
-        # segment
-        seg = self.cfg.segment_length
-        s = math.ceil(t / seg)
-        bounds = [min(i * seg, t) for i in range(s + 1)]
-        if s == 1:
-            return self._pack(self.default_gate(bsz), bsz, 1, bounds)
-        xf = x.float()
-        keep = torch.ones(bsz, t, device=x.device) if pad_mask is None else (~pad_mask).float()
-        pad_t = s * seg - t
-        if pad_t:
-            xf = F.pad(xf, (0, 0, 0, pad_t))
-            keep = F.pad(keep, (0, pad_t))
-        xk = xf if pad_mask is None else xf * keep.unsqueeze(-1)  # (no padding: nothing to zero)
-        sums = xk.view(bsz, s, seg, -1).sum(2)  # [B, S, d]
-        cnt = keep.view(bsz, s, seg).sum(2)  # [B, S]
-        means = sums / cnt.clamp(min=1.0).unsqueeze(-1)
-        valid_prev = cnt[:, :-1] > 0  # [B, S-1]: segment j-1 has real tokens
-        aux_mask = (valid_prev & (cnt[:, 1:] > 0)).reshape(-1)
-        routed = self.route(means[:, :-1].reshape(bsz * (s - 1), -1), aux_mask)
-        routed = _where(valid_prev.reshape(-1), routed, self.default_gate(bsz * (s - 1)))
-        first = self.default_gate(bsz)
-        parts = []
-        for d0, rt in zip(first, routed):
-            if d0 is None:
-                parts.append(None)
-                continue
-            rt = rt.reshape(bsz, s - 1, *rt.shape[1:])
-            parts.append(torch.cat([d0.unsqueeze(1), rt], 1).reshape(bsz * s, *rt.shape[2:]))
-        return self._pack(tuple(parts), bsz, s, bounds)
+        return granularity.GRANULARITIES[r](self, x, pad_mask, context)
 
     def _mean(self, x: Tensor, pad_mask: Optional[Tensor]) -> Tensor:
         return reference.pool(x, pad_mask) if self.reference else masked_mean(x, pad_mask)
@@ -395,17 +251,4 @@ def _stack(parts_list):
     return tuple(out)
 
 
-def _prob_in_top_k(clean: Tensor, noisy: Tensor, std: Tensor, top: Tensor) -> Tensor:
-    """Smooth load estimate of noisy top-k gating (Shazeer et al. 2017, appendix A): [G, N].
-
-    top: the k + 1 largest noisy logits [G, k + 1], sorted descending."""
-    k = top.size(1) - 1
-    thr_in = top[:, k : k + 1]
-    thr_out = top[:, k - 1 : k]
-    # standard normal CDF (torch.distributions.Normal validates its arguments at every call)
-    p_in = torch.special.ndtr((clean - thr_in) / std)
-    p_out = torch.special.ndtr((clean - thr_out) / std)
-    return torch.where(noisy > thr_in, p_in, p_out)
-
-
-from . import decoding  # noqa: E402  (decoding.py imports this module)
+from . import decoding, gating, granularity  # noqa: E402  (they import this module)
