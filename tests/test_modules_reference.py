@@ -51,17 +51,22 @@ CASES = [
     ("moe", "token", "token", "ffn", 1, "cv"),
     ("moe", "sequence", "sequence", "linear", 0, "cv"),
     ("moe", "sequence", "segment", "ffn", 0, "cv"),
+    ("meo", "sequence", "sequence", "linear", 2, "cv", dict(compressed_weighting="authors")),
+    ("moe", "token", "token", "ffn", 1, "cv", dict(compressed_weighting="authors")),
+    ("meo", "token", "segment", "linear", 0, "cv", dict(token_block_order="block_first")),
+    ("meo", "token", "prefix", "ffn", 1, "switch", dict(token_block_order="block_first")),
 ]
 
 
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("mode,level,routing,unit,nce,balance", CASES)
-def test_reference_equals_blocked_path(mode, level, routing, unit, nce, balance, train):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_reference_equals_blocked_path(case, train):
     """impl="reference" and impl="blocked" (fused gating, blocked merge, compute-then-mix, the cost
     model's choice) compute the same values, aux loss and gradients (fp32 router: 1e-5)."""
-    cfg = MoEConfig(mode=mode, level=level, routing=routing, experts=4, top_k=2, expert_unit=unit,
+    mode, level, routing, unit, nce, balance, *extra = case
+    cfg = MoEConfig(mode=mode, level=level, routing=routing, experts=4, top_k=min(4, 2 + nce), expert_unit=unit,
                     segment_length=3, prefix_length=3, compressed_experts=nce, balance_loss=balance,
-                    z_loss_weight=1e-3)
+                    z_loss_weight=1e-3, **(extra[0] if extra else {}))
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3, 10, D, generator=g)
     pad = torch.zeros(3, 10, dtype=torch.bool)
@@ -147,7 +152,7 @@ def test_reference_gating_equals_fused_gating(noisy, keep, balance, zw):
         return [gates, w, idx, aux] + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
 
     def ref(i, a, b):
-        out, loss = reference.noisy_top_k(i, a, b, k, noise, kp, 0, balance, 0.01, zw)
+        out, loss = reference.noisy_top_k(i, a, b, k, noise, kp, balance=balance, balance_weight=0.01, z_weight=zw)
         return out.gates, out.topk_gates, out.topk_idx, loss.aux_loss
 
     def fused(i, a, b):
@@ -312,3 +317,118 @@ def test_nan_detector_names_the_module(caplog, unit):
         y = m(x)
         (y.sum() + sum(r.aux_loss for r in m.routers())).backward()
     assert "NaN detected in output of" in caplog.text
+
+
+# ---- the authors' orders: token-block order, compressed-expert weighting -----------------------
+
+
+def _trained_block_(m):
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for tb in [mod for mod in m.modules() if mod.__class__.__name__ == "TokenBlock"]:
+            for p in tb.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    return m
+
+
+def _merge_ref(x, gates, experts):
+    """Plain MEO linear: x (B, T, in), gates (B, N) -> (B, T, out), in fp64."""
+    w = torch.einsum("bn,noi->boi", gates.double(), experts.weight.double())
+    return torch.einsum("boi,bti->bto", w, x.double()) + (gates.double() @ experts.bias.double())[:, None]
+
+
+@pytest.mark.parametrize("order", ["route_first", "block_first"])
+@pytest.mark.parametrize("impl", ["reference", "blocked"])
+def test_token_block_orders_against_plain_references(order, impl):
+    """route_first (the authors' GPT-2 layer): route on x, block before the matmul; block_first (their
+    encoder layer): block first, route on the mean of x + block(x)."""
+    cfg = MoEConfig(mode="meo", level="token", experts=4, top_k=2, token_block_order=order, impl=impl)
+    m = _trained_block_(_randomize_(MoEFFN(D, FF, cfg, activation_fn=F.gelu))).eval()
+    x = torch.randn(3, 6, D)
+    lin = m.fc1
+    xt = lin.token_block(x)
+    g = lin.router.routing(x if order == "route_first" else xt).gates[:, 0]
+    ref = _merge_ref(xt, g, lin.experts)
+    torch.testing.assert_close(lin(x).double(), ref, rtol=1e-5, atol=1e-5)
+    other = "block_first" if order == "route_first" else "route_first"
+    twin = MoEFFN(D, FF, cfg.with_(token_block_order=other), activation_fn=F.gelu).eval()
+    twin.load_state_dict(m.state_dict())
+    assert (twin.fc1(x) - lin(x)).abs().max() > 1e-3  # a trained block tells the orders apart
+    with torch.no_grad():
+        for mod in (m, twin):
+            for lay in (mod.fc1, mod.fc2):
+                lay.token_block.reset_identity_()
+    torch.testing.assert_close(twin(x), m(x), rtol=0, atol=0)  # at init (identity block) they agree
+
+
+def test_block_first_ffn_unit_against_plain_reference():
+    cfg = MoEConfig(mode="meo", level="token", experts=4, top_k=2, expert_unit="ffn", token_block_order="block_first")
+    m = _trained_block_(_randomize_(MoEFFN(D, FF, cfg, activation_fn=F.gelu))).eval()
+    x = torch.randn(2, 5, D)
+    xt = m.token_block(x)
+    g = m.router.routing(xt).gates[:, 0]
+    h = F.gelu(_merge_ref(xt, g, m.fc1.experts))
+    torch.testing.assert_close(m(x).double(), _merge_ref(h, g, m.fc2.experts), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("unit", ["linear", "ffn"])
+def test_block_first_incremental_decoding_equals_teacher_forcing(unit):
+    cfg = MoEConfig(mode="meo", level="token", experts=4, top_k=2, routing="segment", segment_length=3,
+                    expert_unit=unit, token_block_order="block_first")
+    m = _trained_block_(_randomize_(MoEFFN(D, FF, cfg))).eval()
+    x = torch.randn(2, 8, D)
+    with torch.no_grad():
+        full = m(x)
+        state, steps = {}, []
+        for t in range(8):
+            steps.append(m(x[:, t : t + 1], state=state))
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["authors", "renormalised"])
+@pytest.mark.parametrize("impl", ["reference", "blocked"])
+def test_compressed_expert_weightings_against_plain_references(weighting, impl):
+    """Main experts: softmax over all N logits at their indices (authors, Compressed Experts' code),
+    or a softmax over their own logits (renormalised); compressed experts: always renormalised,
+    their scaling vectors merged and applied to the main experts' input."""
+    n, k, nce = 6, 3, 1
+    cfg = MoEConfig(mode="meo", experts=n, top_k=k, compressed_experts=nce, compressed_weighting=weighting, impl=impl)
+    m = _randomize_(MoEFFN(D, FF, cfg)).eval()
+    with torch.no_grad():
+        m.fc1.experts.scales.copy_(torch.rand(n, D) + 0.5)
+    x = torch.randn(3, 5, D)
+    lin = m.fc1
+    logits = x.mean(1) @ lin.router.w_gate  # (B, N), eval: no noise
+    top_v, top_i = logits.topk(k, -1)
+    main_i = top_i[:, : k - nce]
+    if weighting == "authors":
+        main_g = torch.softmax(logits, -1).gather(1, main_i)
+    else:
+        main_g = torch.softmax(top_v[:, : k - nce], -1)
+    gates = torch.zeros(3, n).scatter(1, main_i, main_g)
+    comp = torch.zeros(3, n).scatter(1, top_i[:, k - nce :], torch.softmax(top_v[:, k - nce :], -1))
+    xs = x * (comp @ lin.experts.scales)[:, None]
+    torch.testing.assert_close(lin(x).double(), _merge_ref(xs, gates, lin.experts), rtol=1e-5, atol=1e-5)
+    if weighting == "authors":
+        assert (gates.sum(1) < 1 - 1e-3).all()  # the compressed experts' mass is dropped
+
+
+def test_order_and_weighting_flags_follow_the_kind_of_model():
+    import argparse
+
+    from meo_fairseq.models.moe_args import layer_configs
+
+    ns = argparse.Namespace
+    assert layer_configs(ns(), "decoder", 1, is_lm=True)[0].token_block_order == "route_first"
+    assert layer_configs(ns(), "encoder", 1)[0].token_block_order == "block_first"
+    assert layer_configs(ns(), "decoder", 1)[0].token_block_order == "block_first"
+    flag = ns(moe_token_block_order="route-first")
+    assert layer_configs(flag, "encoder", 1)[0].token_block_order == "route_first"
+    assert layer_configs(ns(), "encoder", 1)[0].compressed_weighting == "authors"
+    assert layer_configs(ns(moe_upcycle_from="dense.pt"), "encoder", 1)[0].compressed_weighting == "renormalised"
+    flag = ns(moe_compressed_weighting="renormalised")
+    assert layer_configs(flag, "encoder", 1)[0].compressed_weighting == "renormalised"
+    with pytest.raises(ValueError, match="--moe-token-block-order"):
+        MoEConfig(token_block_order="sideways")
+    with pytest.raises(ValueError, match="--moe-compressed-weighting"):
+        MoEConfig(compressed_weighting="raw")

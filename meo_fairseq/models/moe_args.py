@@ -79,6 +79,22 @@ class MoEArgs(FairseqDataclass):
             "reference path inside; incremental decoding stays eager)"
         },
     )
+    moe_token_block_order: ChoiceEnum(("auto", "route-first", "block-first")) = field(
+        default="auto",
+        metadata={
+            "help": "token-level MEO: route-first (route on x, the token block before the matmul: the authors' "
+            "GPT-2 layer) or block-first (the block first, route on the mean of x + block(x): their BERT/BART/T5 "
+            "layer); auto: block-first for encoder-decoder models, route-first for language models"
+        },
+    )
+    moe_compressed_weighting: ChoiceEnum(("auto", "authors", "renormalised")) = field(
+        default="auto",
+        metadata={
+            "help": "compressed experts: the main experts keep their softmax-over-all-N probabilities (authors, as "
+            "the Compressed Experts code) or are renormalised to sum to 1 (renormalised, keeps upcycling exact); "
+            "auto: renormalised with --moe-upcycle-from, else authors"
+        },
+    )
     moe_upcycle_from: Optional[str] = field(
         default=None,
         metadata={"help": "initialise from a checkpoint of the matching dense fairseq model (upcycling)"},
@@ -98,6 +114,24 @@ def add_gate_noise_alias(parser):
 def _get(args, name, default=None):
     value = safe_getattr(args, name, default)
     return default if value is None else value
+
+
+def _token_block_order(args, is_lm: bool) -> str:
+    """--moe-token-block-order: the authors' order for each kind of model by default."""
+    order = str(_get(args, "moe_token_block_order", "auto"))
+    if order == "auto":
+        return "route_first" if is_lm else "block_first"
+    if order not in ("route-first", "block-first", "route_first", "block_first"):
+        raise ValueError(f"--moe-token-block-order: unknown value {order!r}; choose auto, route-first or block-first")
+    return order.replace("-", "_")
+
+
+def _compressed_weighting(args) -> str:
+    """--moe-compressed-weighting: the authors' by default, renormalised when upcycling (exact start)."""
+    weighting = str(_get(args, "moe_compressed_weighting", "auto"))
+    if weighting == "auto":
+        return "renormalised" if safe_getattr(args, "moe_upcycle_from", None) else "authors"
+    return weighting
 
 
 def layer_configs(args, side: str, num_layers: int, is_lm: bool = False) -> List[MoEConfig]:
@@ -139,6 +173,8 @@ def layer_configs(args, side: str, num_layers: int, is_lm: bool = False) -> List
         compressed_experts=int(_get(args, "moe_compressed_experts", 0)),
         merge_min_tokens=safe_getattr(args, "moe_merge_min_tokens", None),
         impl=str(_get(args, "moe_impl", "auto")),
+        token_block_order=_token_block_order(args, is_lm),
+        compressed_weighting=_compressed_weighting(args),
         compile=bool(_get(args, "moe_compile", False)),
     )
     dense = base.with_(mode="dense")

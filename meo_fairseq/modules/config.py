@@ -27,6 +27,15 @@ BALANCE_LOSSES = ("cv", "switch", "none")
 #   blocked    merge.py / dispatch.py / gating.py: custom autograd functions tuned for the CPU
 #   auto       reference when CUDA is available at build time, else blocked
 IMPLS = ("auto", "reference", "blocked")
+# Token-level MEO: where the per-token block sits (both orders are the authors'):
+#   route_first  route on x, apply the block just before the matmul (their GPT-2 layer)
+#   block_first  apply the block first, route on the mean of x + block(x) (their encoder layer:
+#                BERT, BART, T5)
+TOKEN_BLOCK_ORDERS = ("route_first", "block_first")
+# Compressed experts: the main experts' gates are
+#   renormalised  a softmax over the main experts' own logits (they sum to 1: upcycling is exact)
+#   authors       their softmax-over-all-N probabilities (the compressed experts' mass is dropped)
+COMPRESSED_WEIGHTINGS = ("renormalised", "authors")
 
 
 def resolve_impl(impl: str) -> str:
@@ -69,6 +78,10 @@ class MoEConfig:
     run the selected experts and mix (same function for linear experts). None: cost model."""
     impl: str = "auto"
     """implementation: auto, reference or blocked (see IMPLS); a layer resolves it once, at build"""
+    token_block_order: str = "route_first"
+    """token-level MEO: route_first or block_first (see TOKEN_BLOCK_ORDERS)"""
+    compressed_weighting: str = "renormalised"
+    """compressed experts: renormalised or authors (see COMPRESSED_WEIGHTINGS)"""
     compile: bool = False
     """fairseq layers compile the expert FFN's training forward with torch.compile (--moe-compile)"""
 
@@ -83,6 +96,8 @@ class MoEConfig:
             ("routing", ROUTINGS),
             ("balance_loss", BALANCE_LOSSES),
             ("impl", IMPLS),
+            ("token_block_order", TOKEN_BLOCK_ORDERS),
+            ("compressed_weighting", COMPRESSED_WEIGHTINGS),
         ):
             value = getattr(self, name)
             if value not in allowed:

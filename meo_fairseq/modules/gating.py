@@ -190,11 +190,11 @@ def route_blocked(router, inp: Tensor, aux_mask: Optional[Tensor], aux: bool, no
     smooth = aux and noisy and router.cfg.balance_loss == "cv" and router.cfg.top_k < router.num_experts
     gk, ik, top_v, top = _select(router, logits, int(smooth))
     if not aux:
-        return _split(router, gk, ik, top_v)
+        return _split(router, gk, ik, top_v, logits=logits)
     selected = gk.new_zeros(gk.size(0), router.num_experts).scatter(1, ik, gk)  # [G, N], all k
     load = _prob_in_top_k(clean, logits, std, top) if smooth else None
     _aux(router, clean, selected, load, aux_mask)
-    return _split(router, gk, ik, top_v, selected)
+    return _split(router, gk, ik, top_v, selected, logits)
 
 
 def _select(router, logits: Tensor, extra: int = 0):
@@ -209,9 +209,10 @@ def _select(router, logits: Tensor, extra: int = 0):
     return torch.softmax(top_v, dim=-1), top_i, top_v, top
 
 
-def _split(router, gk: Tensor, ik: Tensor, top_v: Tensor, selected: Optional[Tensor] = None):
+def _split(router, gk: Tensor, ik: Tensor, top_v: Tensor, selected: Optional[Tensor] = None, logits=None):
     """Split the top-k into full and compressed experts; dense gates [G, N] of each part.
-    ``selected``: the dense gates [G, N] of all k (reused when every expert is full)."""
+    ``selected``: the dense gates [G, N] of all k (reused when every expert is full); ``logits``
+    [G, N]: all logits (the authors' weighting of the main experts)."""
     n, kf = router.num_experts, router.cfg.full_experts
     w, idx = gk[:, :kf], ik[:, :kf]
     ce = None
@@ -219,7 +220,10 @@ def _split(router, gk: Tensor, ik: Tensor, top_v: Tensor, selected: Optional[Ten
         # Renormalised gates of each part, as a softmax over that part's own logits (the same
         # values as gk[part] / gk[part].sum(), but without 0/0 = NaN when the compressed
         # gates underflow to zero for large logit gaps).
-        w = torch.softmax(top_v[:, :kf], dim=-1)
+        if router.cfg.compressed_weighting == "authors":  # softmax over all N, not renormalised
+            w = torch.softmax(logits, dim=-1).gather(1, idx)
+        else:
+            w = torch.softmax(top_v[:, :kf], dim=-1)
         wc = torch.softmax(top_v[:, kf:], dim=-1)
         ce = gk.new_zeros(gk.size(0), n).scatter(1, ik[:, kf:], wc)
     elif selected is not None:

@@ -90,6 +90,11 @@ class _ExpertBase(CachedMerges, nn.Module):
         return self.router.summary if self.router is not None else None
 
     @property
+    def _block_first(self) -> bool:
+        """Token-level MEO in the authors' encoder order: the block runs before routing."""
+        return self.token_block is not None and self.cfg.token_block_order == "block_first"
+
+    @property
     def use_reference(self) -> bool:
         """reference.py's functions (chosen at build, or under torch.compile) instead of the
         blocked CPU kernels; the same functions."""
@@ -123,14 +128,16 @@ class ExpertLinear(_ExpertBase):
         """x: [B, T, in] -> [B, T, out]. ``routing`` is given by a parent when it routes."""
         if self.cfg.mode == "dense":
             return self.experts.dense(x)
+        if self._block_first:
+            x = self.token_block(x)  # (B, T, in): the router reads x + block(x)
         if routing is None and state is not None:
             y = self._cached_step(x, state)
             if y is not None:
                 return y
         if routing is None:
             routing = self.router.routing(x, pad_mask, context, state.setdefault("router", {}) if state is not None else None)
-        if self.token_block is not None:
-            x = self.token_block(x)
+        if self.token_block is not None and not self._block_first:
+            x = self.token_block(x)  # (B, T, in): the router read x
         cache = state if self._static_gates(routing, state) else None
         return _grouped(x, routing, lambda xg, g: self._compute(xg, g, routing=routing, cache=cache))
 
@@ -139,7 +146,7 @@ class ExpertLinear(_ExpertBase):
         hits = self._fixed_step(state, ("merged",), self.router, x, self.experts.scales is not None)
         if hits is None:
             return None
-        if self.token_block is not None:
+        if self.token_block is not None and not self._block_first:
             x = self.token_block(x)
         return hits[0].apply(x)
 
@@ -215,13 +222,15 @@ class MoEFFN(_ExpertBase):
             sub = (lambda k: state.setdefault(k, {})) if state is not None else (lambda k: None)
             h = self.activation_dropout(self.activation_fn(self.fc1(x, pad_mask, context, sub("fc1"))))
             return self.fc2(h, pad_mask, context, sub("fc2"))
+        if self._block_first:
+            x = self.token_block(x)  # (B, T, d): the router reads x + block(x)
         if state is not None:
             y = self._cached_step(x, state)
             if y is not None:
                 return y
         routing = self.router.routing(x, pad_mask, context, state.setdefault("router", {}) if state is not None else None)
-        if self.token_block is not None:
-            x = self.token_block(x)
+        if self.token_block is not None and not self._block_first:
+            x = self.token_block(x)  # (B, T, d): the router read x
         if self.cfg.mode == "moe":
             return _grouped(x, routing, self._mix)
         cache = state if self._static_gates(routing, state) else None
@@ -233,7 +242,7 @@ class MoEFFN(_ExpertBase):
         hits = self._fixed_step(state, ("merged1", "merged2"), self.router, x, scaled)
         if hits is None:
             return None
-        if self.token_block is not None:
+        if self.token_block is not None and not self._block_first:
             x = self.token_block(x)
         return hits[1].apply(self.activation_dropout(self.activation_fn(hits[0].apply(x))))
 

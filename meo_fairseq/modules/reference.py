@@ -66,18 +66,23 @@ def pool(x: Tensor, pad_mask: Optional[Tensor] = None) -> Tensor:
     return torch.bmm(w.unsqueeze(1), x.float()).squeeze(1)  # (B, d)
 
 
-def top_k_gates(logits: Tensor, k: int, compressed: int = 0) -> Gates:
+def top_k_gates(logits: Tensor, k: int, compressed: int = 0, weighting: str = "renormalised") -> Gates:
     """Top-k of logits (G, N), softmax over the k. With ``compressed`` > 0 the last ``compressed``
-    of the k are compressed experts; each part's gates are renormalised (a softmax over its own
-    logits)."""
+    of the k are compressed experts, whose gates are renormalised (a softmax over their own
+    logits); the main experts' gates too (``weighting="renormalised"``), or they keep their
+    softmax-over-all-N probabilities (``"authors"``, Compressed Experts' code)."""
     topk_logits, topk_idx = logits.topk(k, dim=-1)  # (G, k), descending
-    return _gates(topk_logits, topk_idx, logits.size(1), compressed)
+    return _gates(topk_logits, topk_idx, logits, compressed, weighting)
 
 
-def _gates(topk_logits: Tensor, topk_idx: Tensor, n: int, compressed: int) -> Gates:
-    """Gates from the k largest logits (G, k) and their experts (G, k)."""
+def _gates(topk_logits: Tensor, topk_idx: Tensor, logits: Tensor, compressed: int, weighting: str) -> Gates:
+    """Gates from the k largest logits (G, k), their experts (G, k) and all logits (G, N)."""
     kf = topk_idx.size(1) - compressed
-    topk_gates = torch.softmax(topk_logits[:, :kf], dim=-1)  # (G, kf)
+    n = logits.size(1)
+    if compressed and weighting == "authors":
+        topk_gates = torch.softmax(logits, dim=-1).gather(1, topk_idx[:, :kf])  # (G, kf)
+    else:
+        topk_gates = torch.softmax(topk_logits[:, :kf], dim=-1)  # (G, kf)
     zeros = topk_logits.new_zeros(topk_logits.size(0), n)  # (G, N)
     gates = zeros.scatter(1, topk_idx[:, :kf], topk_gates)  # (G, N)
     comp = None
@@ -95,6 +100,7 @@ def noisy_top_k(
     noise: Optional[Tensor] = None,
     keep: Optional[Tensor] = None,
     compressed: int = 0,
+    weighting: str = "renormalised",
     balance: str = "cv",
     balance_weight: float = 0.01,
     z_weight: float = 0.0,
@@ -104,7 +110,8 @@ def noisy_top_k(
 
     Args:
         inp: (G, d) fp32 router inputs; w_gate, w_noise: (d, N)
-        k: selected experts, ``compressed`` of them compressed experts
+        k: selected experts, ``compressed`` of them compressed experts (main experts' gates:
+            ``weighting``, see top_k_gates)
         noise: (G, N) standard normal noise (training), or None
         keep: (G,) float, 1 where a group counts in the auxiliary loss; None: all
         balance: "cv" (CV^2(importance) + CV^2(load), the load smoothed with noise), "switch", "none"
@@ -121,7 +128,7 @@ def noisy_top_k(
         logits = torch.addcmul(clean, noise, std)
     smooth = aux and noise is not None and balance == "cv" and k < n
     top_logits, top_idx = logits.topk(k + int(smooth), dim=-1)  # (G, k [+ 1]), descending
-    out = _gates(top_logits[:, :k], top_idx[:, :k], n, compressed)
+    out = _gates(top_logits[:, :k], top_idx[:, :k], logits, compressed, weighting)
     if not aux:
         return out, None
     selected = out.gates  # (G, N) gates of all k selected experts

@@ -157,8 +157,8 @@ class Router(nn.Module):
             noise = torch.randn(inp.size(0), cfg.experts, device=inp.device) if noisy else None
             keep = aux_mask.float() if aux_mask is not None else None
             g, loss = reference.noisy_top_k(
-                inp, self.w_gate.float(), self.w_noise.float(), cfg.top_k, noise, keep,
-                cfg.compressed_experts, cfg.balance_loss, cfg.balance_weight, cfg.z_loss_weight, aux,
+                inp, self.w_gate.float(), self.w_noise.float(), cfg.top_k, noise, keep, cfg.compressed_experts,
+                cfg.compressed_weighting, cfg.balance_loss, cfg.balance_weight, cfg.z_loss_weight, aux,
             )
             if loss is not None:
                 self.aux_loss, self.summary = loss
@@ -168,7 +168,7 @@ class Router(nn.Module):
     def default_gate(self, groups: int):
         """The learned input-independent gate, repeated for ``groups`` groups."""
         logits = self.default_logits.float().unsqueeze(0)  # (1, N)
-        parts = reference.top_k_gates(logits, self.cfg.top_k, self.cfg.compressed_experts)
+        parts = reference.top_k_gates(logits, self.cfg.top_k, self.cfg.compressed_experts, self.cfg.compressed_weighting)
         return tuple(p.expand(groups, *p.shape[1:]) if p is not None else None for p in parts)
 
     # ---- granularities ------------------------------------------------------------------
