@@ -64,9 +64,20 @@ def test_reference_equals_blocked_path(case, train):
     """impl="reference" and impl="blocked" (fused gating, blocked merge, compute-then-mix, the cost
     model's choice) compute the same values, aux loss and gradients (fp32 router: 1e-5)."""
     mode, level, routing, unit, nce, balance, *extra = case
-    cfg = MoEConfig(mode=mode, level=level, routing=routing, experts=4, top_k=min(4, 2 + nce), expert_unit=unit,
-                    segment_length=3, prefix_length=3, compressed_experts=nce, balance_loss=balance,
-                    z_loss_weight=1e-3, **(extra[0] if extra else {}))
+    cfg = MoEConfig(
+        mode=mode,
+        level=level,
+        routing=routing,
+        experts=4,
+        top_k=min(4, 2 + nce),
+        expert_unit=unit,
+        segment_length=3,
+        prefix_length=3,
+        compressed_experts=nce,
+        balance_loss=balance,
+        z_loss_weight=1e-3,
+        **(extra[0] if extra else {}),
+    )
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3, 10, D, generator=g)
     pad = torch.zeros(3, 10, dtype=torch.bool)
@@ -152,7 +163,9 @@ def test_reference_gating_equals_fused_gating(noisy, keep, balance, zw):
         return [gates, w, idx, aux] + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
 
     def ref(i, a, b):
-        out, loss = reference.noisy_top_k(i, a, b, k, noise, kp, balance=balance, balance_weight=0.01, z_weight=zw)
+        out, loss = reference.noisy_top_k(
+            i, a, b, k, noise, kp, balance=balance, balance_weight=0.01, z_weight=zw
+        )
         return out.gates, out.topk_gates, out.topk_idx, loss.aux_loss
 
     def fused(i, a, b):
@@ -166,8 +179,16 @@ def test_reference_gating_equals_fused_gating(noisy, keep, balance, zw):
 @pytest.mark.parametrize("mode,routing", [("meo", "sequence"), ("meo", "segment"), ("moe", "token")])
 @pytest.mark.parametrize("unit", ["linear", "ffn"])
 def test_one_expert_equals_a_dense_ffn(mode, routing, unit):
-    cfg = MoEConfig(mode=mode, level="token" if routing == "token" else "sequence", routing=routing, experts=1,
-                    top_k=1, expert_unit=unit, segment_length=3, impl="reference")
+    cfg = MoEConfig(
+        mode=mode,
+        level="token" if routing == "token" else "sequence",
+        routing=routing,
+        experts=1,
+        top_k=1,
+        expert_unit=unit,
+        segment_length=3,
+        impl="reference",
+    )
     m = _randomize_(MoEFFN(D, FF, cfg, activation_fn=F.gelu)).train()
     x = torch.randn(2, 7, D, requires_grad=True)
     y = m(x)
@@ -362,7 +383,9 @@ def test_token_block_orders_against_plain_references(order, impl):
 
 
 def test_block_first_ffn_unit_against_plain_reference():
-    cfg = MoEConfig(mode="meo", level="token", experts=4, top_k=2, expert_unit="ffn", token_block_order="block_first")
+    cfg = MoEConfig(
+        mode="meo", level="token", experts=4, top_k=2, expert_unit="ffn", token_block_order="block_first"
+    )
     m = _trained_block_(_randomize_(MoEFFN(D, FF, cfg, activation_fn=F.gelu))).eval()
     x = torch.randn(2, 5, D)
     xt = m.token_block(x)
@@ -373,8 +396,16 @@ def test_block_first_ffn_unit_against_plain_reference():
 
 @pytest.mark.parametrize("unit", ["linear", "ffn"])
 def test_block_first_incremental_decoding_equals_teacher_forcing(unit):
-    cfg = MoEConfig(mode="meo", level="token", experts=4, top_k=2, routing="segment", segment_length=3,
-                    expert_unit=unit, token_block_order="block_first")
+    cfg = MoEConfig(
+        mode="meo",
+        level="token",
+        experts=4,
+        top_k=2,
+        routing="segment",
+        segment_length=3,
+        expert_unit=unit,
+        token_block_order="block_first",
+    )
     m = _trained_block_(_randomize_(MoEFFN(D, FF, cfg))).eval()
     x = torch.randn(2, 8, D)
     with torch.no_grad():
@@ -392,7 +423,9 @@ def test_compressed_expert_weightings_against_plain_references(weighting, impl):
     or a softmax over their own logits (renormalised); compressed experts: always renormalised,
     their scaling vectors merged and applied to the main experts' input."""
     n, k, nce = 6, 3, 1
-    cfg = MoEConfig(mode="meo", experts=n, top_k=k, compressed_experts=nce, compressed_weighting=weighting, impl=impl)
+    cfg = MoEConfig(
+        mode="meo", experts=n, top_k=k, compressed_experts=nce, compressed_weighting=weighting, impl=impl
+    )
     m = _randomize_(MoEFFN(D, FF, cfg)).eval()
     with torch.no_grad():
         m.fc1.experts.scales.copy_(torch.rand(n, D) + 0.5)
@@ -425,7 +458,9 @@ def test_order_and_weighting_flags_follow_the_kind_of_model():
     flag = ns(moe_token_block_order="route-first")
     assert layer_configs(flag, "encoder", 1)[0].token_block_order == "route_first"
     assert layer_configs(ns(), "encoder", 1)[0].compressed_weighting == "authors"
-    assert layer_configs(ns(moe_upcycle_from="dense.pt"), "encoder", 1)[0].compressed_weighting == "renormalised"
+    assert (
+        layer_configs(ns(moe_upcycle_from="dense.pt"), "encoder", 1)[0].compressed_weighting == "renormalised"
+    )
     flag = ns(moe_compressed_weighting="renormalised")
     assert layer_configs(flag, "encoder", 1)[0].compressed_weighting == "renormalised"
     with pytest.raises(ValueError, match="--moe-token-block-order"):

@@ -104,7 +104,17 @@ def variant_config(variant: str, experts: int, top_k: int, impl: str = "auto") -
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
-def build(variant: str, dim: int, ffn: int, experts: int, top_k: int, device, dtype, seed: int = 0, impl: str = "auto") -> MoEFFN:
+def build(
+    variant: str,
+    dim: int,
+    ffn: int,
+    experts: int,
+    top_k: int,
+    device,
+    dtype,
+    seed: int = 0,
+    impl: str = "auto",
+) -> MoEFFN:
     torch.manual_seed(seed)
     m = MoEFFN(dim, ffn, variant_config(variant, experts, top_k, impl), activation_fn=F.gelu)
     with torch.no_grad():  # routers start at zero (upcycling); random routers route like trained ones
@@ -142,7 +152,9 @@ def _forward(m, x):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def time_variants(models: Dict[str, MoEFFN], x, repeats: int, warmup: int = 1, clock: str = "wall") -> Dict[str, Dict[str, float]]:
+def time_variants(
+    models: Dict[str, MoEFFN], x, repeats: int, warmup: int = 1, clock: str = "wall"
+) -> Dict[str, Dict[str, float]]:
     """Median seconds of forward (eval, no grad) and forward+backward (train), interleaved."""
     device = x.device
     now = CLOCKS[clock]
@@ -269,7 +281,11 @@ def peak_memory(m: MoEFFN, x, probe) -> int:
 
 def kept_bytes(m) -> int:
     """Bytes the layer's GradBuffers keep between steps besides the weight gradients."""
-    return sum(mod.grad_buffer.kept_bytes() for mod in m.modules() if isinstance(getattr(mod, "grad_buffer", None), GradBuffer))
+    return sum(
+        mod.grad_buffer.kept_bytes()
+        for mod in m.modules()
+        if isinstance(getattr(mod, "grad_buffer", None), GradBuffer)
+    )
 
 
 def saved_bytes(m: MoEFFN, x) -> int:
@@ -320,11 +336,32 @@ def traffic_floor(m: MoEFFN, dense: dict, repeats: int) -> dict:
 
     r, w = _median_ms(read, repeats), _median_ms(write, repeats)
     nbytes = sum(x.numel() * x.element_size() for x in weights)
-    return {"experts_mb": nbytes / 2**20, "read_ms": r, "write_ms": w,
-            "fwd": 1 + r / dense["fwd_ms"], "fwd_bwd": 1 + (2 * r + w) / dense["fwd_bwd_ms"]}
+    return {
+        "experts_mb": nbytes / 2**20,
+        "read_ms": r,
+        "write_ms": w,
+        "fwd": 1 + r / dense["fwd_ms"],
+        "fwd_bwd": 1 + (2 * r + w) / dense["fwd_bwd_ms"],
+    }
 
 
-def run_shape(batch: int, tokens: int, dim: int, ffn: int, experts: int, top_k: int, repeats: int, device, dtype, variants=VARIANTS, memory: bool = True, clock: str = "wall", impl: str = "auto", ops: bool = False, compile: bool = False) -> dict:
+def run_shape(
+    batch: int,
+    tokens: int,
+    dim: int,
+    ffn: int,
+    experts: int,
+    top_k: int,
+    repeats: int,
+    device,
+    dtype,
+    variants=VARIANTS,
+    memory: bool = True,
+    clock: str = "wall",
+    impl: str = "auto",
+    ops: bool = False,
+    compile: bool = False,
+) -> dict:
     """Times (and memory, op counts, graph breaks, compiled times when asked) of the variants at one
     shape. ``ops``: op counts and graph breaks under ``res[v]["ops"]``; ``compile``: the variants
     under torch.compile as ``"<variant>:compiled"`` rows."""
@@ -366,7 +403,14 @@ def check_targets(runs: List[dict]) -> List[dict]:
             if res is None or metric not in res["ratio"]:
                 continue
             val = res["ratio"][metric]
-            t = {"variant": variant, "metric": metric, "shape": [r["batch"], r["tokens"]], "ratio": val, "bound": bound, "met": val <= bound}
+            t = {
+                "variant": variant,
+                "metric": metric,
+                "shape": [r["batch"], r["tokens"]],
+                "ratio": val,
+                "bound": bound,
+                "met": val <= bound,
+            }
             if metric in res.get("floor", {}):
                 t["floor"] = res["floor"][metric]
             out.append(t)
@@ -376,9 +420,12 @@ def check_targets(runs: List[dict]) -> List[dict]:
 def table(run: dict, meta: dict) -> str:
     res = run["results"]
     has_mem = "peak_mb" in res["dense"]
-    lines = [f"batch {run['batch']} x {run['tokens']} tokens, impl {meta.get('impl', 'auto')}, d={meta['dim']}, ffn={meta['ffn']}, "
-             f"{meta['experts']} experts, top-{meta['top_k']}, {meta['dtype']} on {meta['device']}, "
-             f"median of {meta['repeats']}, {meta['clock']} clock, {meta['threads']} torch threads"]
+    lines = [
+        f"batch {run['batch']} x {run['tokens']} tokens, impl {meta.get('impl', 'auto')}, "
+        f"d={meta['dim']}, ffn={meta['ffn']}, "
+        f"{meta['experts']} experts, top-{meta['top_k']}, {meta['dtype']} on {meta['device']}, "
+        f"median of {meta['repeats']}, {meta['clock']} clock, {meta['threads']} torch threads"
+    ]
     w = max(10, *(len(v) for v in res))
     head = f"{'variant':{w}s} {'fwd ms':>9s} {'x dense':>7s} {'fwd+bwd ms':>11s} {'x dense':>7s}"
     if has_mem:
@@ -394,19 +441,26 @@ def table(run: dict, meta: dict) -> str:
         lines.append("(a compiled variant's ratios are to the compiled dense FFN)")
     if "ops" in res["dense"]:
         d = res["dense"]["ops"]["run"]
-        lines.append(f"ops per training step (all / non-view; x dense non-view), impl {meta.get('impl', 'auto')} and "
-                     "reference; graph breaks of the training forward under torch.compile:")
+        lines.append(
+            f"ops per training step (all / non-view; x dense non-view), impl {meta.get('impl', 'auto')} and "
+            "reference; graph breaks of the training forward under torch.compile:"
+        )
         for v, r in res.items():
             if "ops" not in r:
                 continue
             o, ref = r["ops"]["run"], r["ops"]["reference"]
-            lines.append(f"  {v:10s} {o['all']:5d} / {o['non_view']:4d} ({o['non_view'] / d['non_view']:5.2f}x)   reference "
-                         f"{ref['all']:5d} / {ref['non_view']:4d} ({ref['non_view'] / d['non_view']:5.2f}x)   "
-                         f"graphs {r['ops']['graphs']}, breaks {r['ops']['breaks']}")
+            lines.append(
+                f"  {v:10s} {o['all']:5d} / {o['non_view']:4d} ({o['non_view'] / d['non_view']:5.2f}x)"
+                "   reference "
+                f"{ref['all']:5d} / {ref['non_view']:4d} ({ref['non_view'] / d['non_view']:5.2f}x)   "
+                f"graphs {r['ops']['graphs']}, breaks {r['ops']['breaks']}"
+            )
     f = res.get("meo", {}).get("floor")
     if f:
-        lines.append(f"MEO memory-traffic floor: the experts ({f['experts_mb']:.0f} MB) read in {_ms(f['read_ms'])} ms, their "
-                     f"gradients written in {_ms(f['write_ms'])} ms -> fwd >= {f['fwd']:.2f}x, fwd+bwd >= {f['fwd_bwd']:.2f}x dense")
+        lines.append(
+            f"MEO memory-traffic floor: the experts ({f['experts_mb']:.0f} MB) read in {_ms(f['read_ms'])} ms, their "
+            f"gradients written in {_ms(f['write_ms'])} ms -> fwd >= {f['fwd']:.2f}x, fwd+bwd >= {f['fwd_bwd']:.2f}x dense"
+        )
     return "\n".join(lines)
 
 
@@ -420,10 +474,18 @@ def _ints(s: str) -> List[int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m meo_fairseq.benchmark layers", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=_ints, default=None,
-                   help="comma list, paired with --tokens (default: 16,4 on the CPU, 32,8 on cuda)")
-    p.add_argument("--tokens", type=_ints, default=None, help="comma list, paired with --batch (default: 128,512)")
+    p = argparse.ArgumentParser(
+        prog="python -m meo_fairseq.benchmark layers", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--batch",
+        type=_ints,
+        default=None,
+        help="comma list, paired with --tokens (default: 16,4 on the CPU, 32,8 on cuda)",
+    )
+    p.add_argument(
+        "--tokens", type=_ints, default=None, help="comma list, paired with --batch (default: 128,512)"
+    )
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--ffn", type=int, default=3072)
     p.add_argument("--experts", type=int, default=16)
@@ -431,17 +493,34 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="default: bfloat16 on cuda, float32 on cpu",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="wall: elapsed time (default); cpu: this process's CPU time, which a busy shared machine "
-                   "does not inflate (use with --threads 1: with more threads it adds up all threads, spin-waits included)")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (default); cpu: this process's CPU time, which a busy shared machine "
+        "does not inflate (use with --threads 1: with more threads it adds up all threads, spin-waits included)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
-    p.add_argument("--impl", choices=("auto", "reference", "blocked"), default="auto",
-                   help="implementation of the expert layers (MoEConfig.impl / --moe-impl)")
+    p.add_argument(
+        "--impl",
+        choices=("auto", "reference", "blocked"),
+        default="auto",
+        help="implementation of the expert layers (MoEConfig.impl / --moe-impl)",
+    )
     p.add_argument("--no-ops", action="store_true", help="skip the op counts and graph-break counts")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time every variant under torch.compile (default: on with --device cuda)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time every variant under torch.compile (default: on with --device cuda)",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     shapes = CUDA_SHAPES if torch.device(a.device).type == "cuda" else SHAPES
@@ -465,16 +544,43 @@ def main(argv=None) -> int:
     variants = tuple(v for v in a.variants.split(",") if v)
     for v in variants:
         variant_config(v, a.experts, a.top_k)  # validate early
-    meta = dict(impl=a.impl, compile=a.compile, dim=a.dim, ffn=a.ffn, experts=a.experts, top_k=a.top_k, device=a.device, dtype=dtype_name,
-                repeats=a.repeats, threads=torch.get_num_threads(), clock=a.clock, torch=torch.__version__)
+    meta = dict(
+        impl=a.impl,
+        compile=a.compile,
+        dim=a.dim,
+        ffn=a.ffn,
+        experts=a.experts,
+        top_k=a.top_k,
+        device=a.device,
+        dtype=dtype_name,
+        repeats=a.repeats,
+        threads=torch.get_num_threads(),
+        clock=a.clock,
+        torch=torch.__version__,
+    )
     if hasattr(os, "getloadavg"):
         meta["loadavg_start"] = list(os.getloadavg())
     runs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for b, t in zip(a.batch, a.tokens):
-            run = run_shape(b, t, a.dim, a.ffn, a.experts, a.top_k, a.repeats, a.device, dtype, variants,
-                            memory=not a.no_memory, clock=a.clock, impl=a.impl, ops=not a.no_ops, compile=a.compile)
+            run = run_shape(
+                b,
+                t,
+                a.dim,
+                a.ffn,
+                a.experts,
+                a.top_k,
+                a.repeats,
+                a.device,
+                dtype,
+                variants,
+                memory=not a.no_memory,
+                clock=a.clock,
+                impl=a.impl,
+                ops=not a.no_ops,
+                compile=a.compile,
+            )
             runs.append(run)
             if not a.json:
                 print(table(run, meta) + "\n", flush=True)
@@ -485,12 +591,16 @@ def main(argv=None) -> int:
         print(json.dumps({**meta, "runs": runs, "targets": targets}, indent=1))
     else:
         if "loadavg_start" in meta:
-            print(f"load average (1 min) of the machine: {meta['loadavg_start'][0]:.2f} at the start, "
-                  f"{meta['loadavg_end'][0]:.2f} at the end ({os.cpu_count()} CPUs)")
+            print(
+                f"load average (1 min) of the machine: {meta['loadavg_start'][0]:.2f} at the start, "
+                f"{meta['loadavg_end'][0]:.2f} at the end ({os.cpu_count()} CPUs)"
+            )
     if targets and not a.json:
         print("targets (ratio to dense, same run):")
         for t in targets:
             floor = f", traffic floor {t['floor']:.2f}x" if "floor" in t else ""
-            print(f"  {t['variant']:9s} {t['metric']:7s} at {t['shape'][0]}x{t['shape'][1]}: {t['ratio']:.2f}x "
-                  f"(goal <= {t['bound']}x{floor}) {'met' if t['met'] else 'NOT met'}")
+            print(
+                f"  {t['variant']:9s} {t['metric']:7s} at {t['shape'][0]}x{t['shape'][1]}: {t['ratio']:.2f}x "
+                f"(goal <= {t['bound']}x{floor}) {'met' if t['met'] else 'NOT met'}"
+            )
     return 0

@@ -13,7 +13,6 @@ the model's); ``moe_aux`` is logged beside it. The logged statistics are layer a
 with a ``moe_batches`` count, so logging outputs can be summed across workers (fairseq's fast path).
 """
 
-
 import torch
 from fairseq import metrics
 
@@ -44,13 +43,15 @@ def aux_and_stats(model):
     else:
         parts = [summarize(s.float().unsqueeze(0)) for s in summaries]
     cols = ("balance", "z_loss", "max_frac", "entropy")
-    vals = torch.stack([
-        torch.cat([p["balance"] for p in parts]).sum(),
-        torch.cat([p["z_loss"] for p in parts]).sum(),
-        torch.cat([p["fraction"].max(1).values for p in parts]).sum(),
-        torch.cat([p["entropy"] for p in parts]).sum(),
-        total.detach().float(),
-    ]).tolist()
+    vals = torch.stack(
+        [
+            torch.cat([p["balance"] for p in parts]).sum(),
+            torch.cat([p["z_loss"] for p in parts]).sum(),
+            torch.cat([p["fraction"].max(1).values for p in parts]).sum(),
+            torch.cat([p["entropy"] for p in parts]).sum(),
+            total.detach().float(),
+        ]
+    ).tolist()
     n = len(summaries)
     out = {"moe_aux": vals[-1]}
     out.update({f"moe_{c}": v / n for c, v in zip(cols, vals)})

@@ -82,17 +82,18 @@ class MoEArgs(FairseqDataclass):
     moe_token_block_order: ChoiceEnum(("auto", "route-first", "block-first")) = field(
         default="auto",
         metadata={
-            "help": "token-level MEO: route-first (route on x, the token block before the matmul: the authors' "
-            "GPT-2 layer) or block-first (the block first, route on the mean of x + block(x): their BERT/BART/T5 "
-            "layer); auto: block-first for encoder-decoder models, route-first for language models"
+            "help": "token-level MEO: route-first (route on x, the token block before the matmul: "
+            "the authors' GPT-2 layer) or block-first (the block first, route on the mean of "
+            "x + block(x): their BERT/BART/T5 layer); auto: block-first for encoder-decoder models, "
+            "route-first for language models"
         },
     )
     moe_compressed_weighting: ChoiceEnum(("auto", "authors", "renormalised")) = field(
         default="auto",
         metadata={
-            "help": "compressed experts: the main experts keep their softmax-over-all-N probabilities (authors, as "
-            "the Compressed Experts code) or are renormalised to sum to 1 (renormalised, keeps upcycling exact); "
-            "auto: renormalised with --moe-upcycle-from, else authors"
+            "help": "compressed experts: the main experts keep their softmax-over-all-N probabilities "
+            "(authors, as the Compressed Experts code) or are renormalised to sum to 1 (renormalised, "
+            "keeps upcycling exact); auto: renormalised with --moe-upcycle-from, else authors"
         },
     )
     moe_upcycle_from: Optional[str] = field(

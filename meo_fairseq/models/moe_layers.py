@@ -59,7 +59,9 @@ class FairseqMoEFFN(MoEFFN):
         # a plain holder: nn.Module's setattr, twice per call, is a measurable share of a decoding step
         self._inputs = _RoutingInputs()
 
-    def set_routing_inputs(self, pad_mask: Optional[Tensor] = None, context: Optional[Tensor] = None, incremental_state=None):
+    def set_routing_inputs(
+        self, pad_mask: Optional[Tensor] = None, context: Optional[Tensor] = None, incremental_state=None
+    ):
         """pad_mask [B, T] (True = pad) or None; context [B, C_enc] or None; fairseq's incremental state."""
         self._inputs.value = (pad_mask, context, incremental_state)
 
@@ -86,9 +88,15 @@ class FairseqMoEFFN(MoEFFN):
         n = new_order.numel()
         # greedy decoding reorders by the identity at every step: nothing to do (CPU only: on a GPU
         # the check would sync)
-        if saved.get("rows") == n and new_order.device.type == "cpu" and torch.equal(new_order, torch.arange(n, dtype=new_order.dtype)):
+        if (
+            saved.get("rows") == n
+            and new_order.device.type == "cpu"
+            and torch.equal(new_order, torch.arange(n, dtype=new_order.dtype))
+        ):
             return
-        self.set_incremental_state(incremental_state, "moe", {"state": reorder_state(saved["state"], new_order), "rows": n})
+        self.set_incremental_state(
+            incremental_state, "moe", {"state": reorder_state(saved["state"], new_order), "rows": n}
+        )
 
 
 class _MoELayerMixin:
@@ -133,20 +141,33 @@ class MoETransformerEncoderLayer(_MoELayerMixin, TransformerEncoderLayerBase):
 
 
 class MoETransformerDecoderLayer(_MoELayerMixin, TransformerDecoderLayerBase):
-    def __init__(self, cfg, moe_cfg: MoEConfig, no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False):
+    def __init__(
+        self, cfg, moe_cfg: MoEConfig, no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False
+    ):
         self.moe_cfg = moe_cfg
         self.router_dim = cfg.encoder.embed_dim if moe_cfg.routing == "encoder" else None
         super().__init__(cfg, no_encoder_attn, add_bias_kv, add_zero_attn)
         self._finish_init(cfg)
 
-    def forward(self, x, encoder_out: Optional[Tensor] = None, encoder_padding_mask: Optional[Tensor] = None, incremental_state=None, *args, **kwargs):
+    def forward(
+        self,
+        x,
+        encoder_out: Optional[Tensor] = None,
+        encoder_padding_mask: Optional[Tensor] = None,
+        incremental_state=None,
+        *args,
+        **kwargs,
+    ):
         """x: [T, B, C]; encoder_out: [S, B, C_enc]; encoder_padding_mask: [B, S] or None."""
         pad = kwargs.get("self_attn_padding_mask")
         if pad is not None and tuple(pad.shape) != (x.size(1), x.size(0)):
-            pad = pad[:, -x.size(0):]
+            pad = pad[:, -x.size(0) :]
         context = None
         if self.moe_cfg.mode != "dense" and self.moe_cfg.routing == "encoder":
-            cached = incremental_state is not None and self.fc1.get_incremental_state(incremental_state, "moe") is not None
+            cached = (
+                incremental_state is not None
+                and self.fc1.get_incremental_state(incremental_state, "moe") is not None
+            )
             if encoder_out is None and not cached:
                 raise ValueError("--moe-decoder-routing encoder needs an encoder output")
             if not cached:  # after the first decoding step the gates (and merges) are cached

@@ -10,7 +10,24 @@ from .merge import apply_merged, merge_weights, merged_linear
 from .router import Router, Routing, masked_mean
 
 __all__ = [
-    "MoEConfig", "dispatch", "mix_linear", "StackedExperts", "TokenBlock", "ExpertLinear", "MoEFFN",
-    "reorder_state", "cv_loss", "cv_squared", "switch_loss", "z_loss", "apply_merged",
-    "merge_weights", "merged_linear", "Router", "Routing", "masked_mean", "reference", "set_impl",
+    "MoEConfig",
+    "dispatch",
+    "mix_linear",
+    "StackedExperts",
+    "TokenBlock",
+    "ExpertLinear",
+    "MoEFFN",
+    "reorder_state",
+    "cv_loss",
+    "cv_squared",
+    "switch_loss",
+    "z_loss",
+    "apply_merged",
+    "merge_weights",
+    "merged_linear",
+    "Router",
+    "Routing",
+    "masked_mean",
+    "reference",
+    "set_impl",
 ]

@@ -3,8 +3,8 @@
 An expert weight's gradient ([N, out, in], N times a dense one) is written whole at every
 backward. A fresh allocation of that size comes straight from the OS and every page faults on
 first touch, which costs several times the write itself (figures in docs/layer-library.md); a
-training step writes it once per expert linear. fairseq frees the gradients at every step (``zero_grad`` sets them to None), so the
-memory of one step's gradient can serve the next one.
+training step writes it once per expert linear. fairseq frees the gradients at every step
+(``zero_grad`` sets them to None), so the memory of one step's gradient can serve the next one.
 
 :class:`GradBuffer` keeps one storage per slot and hands out a tensor on it when nobody else holds
 it any more (the previous gradient was freed); otherwise it allocates as usual. The tensor handed

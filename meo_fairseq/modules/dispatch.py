@@ -161,7 +161,9 @@ class MixLinearFunction(torch.autograd.Function):
         return gx, gw, gweight, gbias, None, None
 
 
-def mix_linear(x: Tensor, idx: Tensor, w: Tensor, weight: Tensor, bias: Optional[Tensor] = None, grad_buffer=None) -> Tensor:
+def mix_linear(
+    x: Tensor, idx: Tensor, w: Tensor, weight: Tensor, bias: Optional[Tensor] = None, grad_buffer=None
+) -> Tensor:
     """Vanilla MoE over linear experts: y[m] = sum_j w[m, j] (x[m] W_{idx[m,j]}^T + b_{idx[m,j]}).
 
     x: [M, in]; idx, w: [M, k]; weight: [N, out, in]; bias: [N, out] or None; grad_buffer: optional

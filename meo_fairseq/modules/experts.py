@@ -16,7 +16,14 @@ class StackedExperts(nn.Module):
     (per-expert input scaling vectors, initialised to ones). Each expert is initialised as an
     ``nn.Linear`` would be (fairseq's FFN linears are ``nn.Linear``)."""
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int, bias: bool = True, compressed: bool = False):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_experts: int,
+        bias: bool = True,
+        compressed: bool = False,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))

@@ -53,7 +53,9 @@ class NoisyTopKGating(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, inp, w_gate, w_noise, noise, keep, k: int, balance: str, balance_weight: float, z_weight: float):
+    def forward(
+        ctx, inp, w_gate, w_noise, noise, keep, k: int, balance: str, balance_weight: float, z_weight: float
+    ):
         g_rows, n = inp.size(0), w_gate.size(1)
         clean = inp @ w_gate
         noisy = noise is not None
@@ -95,9 +97,18 @@ class NoisyTopKGating(torch.autograd.Function):
             zl = (keep @ sq if keep is not None else sq.sum()) / count
             aux = z_weight * zl if aux is zero else aux + z_weight * zl
             saved.update(lse=lse)
-        ctx.k, ctx.balance, ctx.bw, ctx.zw, ctx.smooth, ctx.noisy = k, balance, balance_weight, z_weight, smooth, noisy
+        ctx.k, ctx.balance, ctx.bw, ctx.zw, ctx.smooth, ctx.noisy = (
+            k,
+            balance,
+            balance_weight,
+            z_weight,
+            smooth,
+            noisy,
+        )
         ctx.saved = saved
-        ctx.save_for_backward(inp, w_gate, w_noise if noisy else None, noise, keep, clean, raw, std, w, top_i, count)
+        ctx.save_for_backward(
+            inp, w_gate, w_noise if noisy else None, noise, keep, clean, raw, std, w, top_i, count
+        )
         stats = torch.cat([imp, torch.stack([bal, zl])]).detach()
         ctx.mark_non_differentiable(idx, stats)
         ctx.set_materialize_grads(False)  # (unused outputs' gradients arrive as None, not zeros)
@@ -165,7 +176,17 @@ class NoisyTopKGating(torch.autograd.Function):
         return g_inp, g_wg, g_wn, None, None, None, None, None, None
 
 
-def noisy_top_k_gating(inp: Tensor, w_gate: Tensor, w_noise: Tensor, noise: Optional[Tensor], keep: Optional[Tensor], k: int, balance: str, balance_weight: float, z_weight: float):
+def noisy_top_k_gating(
+    inp: Tensor,
+    w_gate: Tensor,
+    w_noise: Tensor,
+    noise: Optional[Tensor],
+    keep: Optional[Tensor],
+    k: int,
+    balance: str,
+    balance_weight: float,
+    z_weight: float,
+):
     """See :class:`NoisyTopKGating`; inp [G, d] fp32, noise [G, N] standard normal or None
     (no noise), keep [G] float (1 = counts in the auxiliary loss) or None (all)."""
     return NoisyTopKGating.apply(inp, w_gate, w_noise, noise, keep, k, balance, balance_weight, z_weight)
@@ -178,7 +199,12 @@ def route_blocked(router, inp: Tensor, aux_mask: Optional[Tensor], aux: bool, no
     """Router.route on the blocked path: the fused node where it applies (cv/none balance loss, no
     compressed experts), else the step-by-step reference below (Router.fused = False forces it).
     inp (G, d) fp32. Returns (gates (G, N), topk_idx, topk_gates (G, kf), compressed or None)."""
-    if aux and router.fused and not router.cfg.compressed_experts and router.cfg.balance_loss in ("cv", "none"):
+    if (
+        aux
+        and router.fused
+        and not router.cfg.compressed_experts
+        and router.cfg.balance_loss in ("cv", "none")
+    ):
         if aux_mask is None or bool(aux_mask.any()):
             return _route_fused(router, inp, aux_mask, noisy)
     clean = inp @ router.w_gate.float()
@@ -235,10 +261,20 @@ def _split(router, gk: Tensor, ik: Tensor, top_v: Tensor, selected: Optional[Ten
 def _route_fused(router, inp: Tensor, aux_mask: Optional[Tensor], noisy: bool):
     """route() with the gating and its auxiliary loss as one autograd node (gating.py)."""
     cfg, n = router.cfg, router.num_experts
-    noise = torch.randn(inp.size(0), n, dtype=inp.dtype, device=inp.device) if noisy else None  # (as randn_like(clean))
+    noise = (
+        torch.randn(inp.size(0), n, dtype=inp.dtype, device=inp.device) if noisy else None
+    )  # (as randn_like(clean))
     keep = aux_mask.float() if aux_mask is not None else None
     gates, w, idx, router.aux_loss, st = noisy_top_k_gating(
-        inp, router.w_gate.float(), router.w_noise.float(), noise, keep, cfg.top_k, cfg.balance_loss, cfg.balance_weight, cfg.z_loss_weight
+        inp,
+        router.w_gate.float(),
+        router.w_noise.float(),
+        noise,
+        keep,
+        cfg.top_k,
+        cfg.balance_loss,
+        cfg.balance_weight,
+        cfg.z_loss_weight,
     )
     router.summary = st
     return gates, idx, w, None

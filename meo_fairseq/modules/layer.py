@@ -54,7 +54,9 @@ def _grouped(x: Tensor, routing: Routing, fn: Callable) -> Tensor:
         xp = F.pad(x, (0, 0, 0, pad)) if pad else x
         y = fn(xp.reshape(bsz * s, seg, -1), routing.flat()).reshape(bsz, s * seg, -1)  # (B, S*L, out)
         return y[:, :t] if pad else y
-    return torch.cat([fn(x[:, a:b], routing.run(i).flat()) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], 1)
+    return torch.cat(
+        [fn(x[:, a:b], routing.run(i).flat()) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], 1
+    )
 
 
 def _expand(t: Tensor, tokens: int) -> Tensor:
@@ -105,26 +107,51 @@ class _ExpertBase(CachedMerges, nn.Module):
         the blocked path's cost model (costs.py) picks the cheaper one."""
         cfg = self.cfg
         return choose_merge(
-            cfg.experts, cfg.full_experts, self.experts.weight[0].numel(), groups, tokens_per_group, cached,
+            cfg.experts,
+            cfg.full_experts,
+            self.experts.weight[0].numel(),
+            groups,
+            tokens_per_group,
+            cached,
             cfg.merge_min_tokens,
         )
+
 
 class ExpertLinear(_ExpertBase):
     """A linear layer made of N experts: ``experts`` (StackedExperts), ``router`` (own router,
     expert unit ``linear``; None when a parent routes, expert unit ``ffn``), ``token_block``."""
 
-    def __init__(self, in_features: int, out_features: int, cfg: MoEConfig, router_dim: Optional[int] = None, bias: bool = True, own_router: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        cfg: MoEConfig,
+        router_dim: Optional[int] = None,
+        bias: bool = True,
+        own_router: bool = True,
+    ):
         super().__init__()
         self.cfg = cfg
         self.impl = resolve_impl(cfg.impl)
         dense = cfg.mode == "dense"
         self.experts = StackedExperts(
-            in_features, out_features, 1 if dense else cfg.experts, bias, compressed=not dense and cfg.compressed_experts > 0
+            in_features,
+            out_features,
+            1 if dense else cfg.experts,
+            bias,
+            compressed=not dense and cfg.compressed_experts > 0,
         )
         self.router = Router(router_dim or in_features, cfg) if (own_router and not dense) else None
         self.token_block = TokenBlock(in_features) if (own_router and cfg.token_block) else None
 
-    def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None, context: Optional[Tensor] = None, state: Optional[dict] = None, routing: Optional[Routing] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        pad_mask: Optional[Tensor] = None,
+        context: Optional[Tensor] = None,
+        state: Optional[dict] = None,
+        routing: Optional[Routing] = None,
+    ) -> Tensor:
         """x: [B, T, in] -> [B, T, out]. ``routing`` is given by a parent when it routes."""
         if self.cfg.mode == "dense":
             return self.experts.dense(x)
@@ -135,7 +162,9 @@ class ExpertLinear(_ExpertBase):
             if y is not None:
                 return y
         if routing is None:
-            routing = self.router.routing(x, pad_mask, context, state.setdefault("router", {}) if state is not None else None)
+            routing = self.router.routing(
+                x, pad_mask, context, state.setdefault("router", {}) if state is not None else None
+            )
         if self.token_block is not None and not self._block_first:
             x = self.token_block(x)  # (B, T, in): the router read x
         cache = state if self._static_gates(routing, state) else None
@@ -161,18 +190,24 @@ class ExpertLinear(_ExpertBase):
         if self.use_reference and (cache is None or self.cfg.mode != "meo"):
             if self.cfg.mode == "meo":
                 return reference.merged_linear(xg, gates, ex.weight, ex.bias)
-            y = reference.moe_linear(xg.reshape(groups * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias)
+            y = reference.moe_linear(
+                xg.reshape(groups * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias
+            )
             return y.view(groups, tg, -1)
         if self.cfg.mode == "meo" and cache is not None:
             # reference: always merge, one merged matrix per row (no host sync to find beam blocks)
-            block = 1 if self.use_reference else self._use_cache(cache, ("merged",), routing.version, gates, tg)
+            block = (
+                1 if self.use_reference else self._use_cache(cache, ("merged",), routing.version, gates, tg)
+            )
             if block:
                 return self._cached_merge(cache, "merged", routing.version, gates, ex, block).apply(xg)
         elif self.cfg.mode == "meo" and self.choose_merge(groups, tg, cached=False):
             return merged_linear(xg, gates, ex.weight, ex.bias, ex.grad_buffer)
         # vanilla MoE, or (blocked path only) MEO that mixes instead of merging where the cost
         # model says so (costs.py): the same function, computed as compute-then-mix
-        y = mix_linear(xg.reshape(groups * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias, ex.grad_buffer)
+        y = mix_linear(
+            xg.reshape(groups * tg, -1), _expand(idx, tg), _expand(w, tg), ex.weight, ex.bias, ex.grad_buffer
+        )
         return y.view(groups, tg, -1)
 
     @torch.no_grad()
@@ -209,14 +244,24 @@ class MoEFFN(_ExpertBase):
         self.impl = resolve_impl(cfg.impl)
         self.activation_fn = activation_fn
         # a float, or a module (fairseq passes its FairseqDropout)
-        self.activation_dropout = activation_dropout if isinstance(activation_dropout, nn.Module) else nn.Dropout(activation_dropout)
+        self.activation_dropout = (
+            activation_dropout
+            if isinstance(activation_dropout, nn.Module)
+            else nn.Dropout(activation_dropout)
+        )
         shared = cfg.expert_unit == "ffn" and cfg.mode != "dense"
         self.fc1 = ExpertLinear(embed_dim, ffn_dim, cfg, router_dim, bias, own_router=not shared)
         self.fc2 = ExpertLinear(ffn_dim, embed_dim, cfg, router_dim, bias, own_router=not shared)
         self.router = Router(router_dim or embed_dim, cfg) if shared else None
         self.token_block = TokenBlock(embed_dim) if (shared and cfg.token_block) else None
 
-    def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None, context: Optional[Tensor] = None, state: Optional[dict] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        pad_mask: Optional[Tensor] = None,
+        context: Optional[Tensor] = None,
+        state: Optional[dict] = None,
+    ) -> Tensor:
         """x: [B, T, embed_dim] -> [B, T, embed_dim]."""
         if self.router is None:
             sub = (lambda k: state.setdefault(k, {})) if state is not None else (lambda k: None)
@@ -228,7 +273,9 @@ class MoEFFN(_ExpertBase):
             y = self._cached_step(x, state)
             if y is not None:
                 return y
-        routing = self.router.routing(x, pad_mask, context, state.setdefault("router", {}) if state is not None else None)
+        routing = self.router.routing(
+            x, pad_mask, context, state.setdefault("router", {}) if state is not None else None
+        )
         if self.token_block is not None and not self._block_first:
             x = self.token_block(x)  # (B, T, d): the router read x
         if self.cfg.mode == "moe":
@@ -292,7 +339,14 @@ class MoEFFN(_ExpertBase):
                 h = h * se.to(h.dtype)
             return F.linear(h, w2[e], b2[e])
 
-        y = dispatch(xg.reshape(groups * tg, -1).to(e1.weight.dtype), _expand(idx, tg), _expand(w, tg), ffn, e2.out_features, side)
+        y = dispatch(
+            xg.reshape(groups * tg, -1).to(e1.weight.dtype),
+            _expand(idx, tg),
+            _expand(w, tg),
+            ffn,
+            e2.out_features,
+            side,
+        )
         return y.view(groups, tg, -1)
 
     def _mix_reference(self, xg, idx, w, side):
@@ -301,7 +355,9 @@ class MoEFFN(_ExpertBase):
         tg = xg.size(1)
 
         def ffn(xs, offsets, expert, token):  # xs (R, d) sorted by expert
-            h = self.activation_dropout(self.activation_fn(reference.grouped_linear(xs, e1.weight, e1.bias, offsets, expert)))
+            h = self.activation_dropout(
+                self.activation_fn(reference.grouped_linear(xs, e1.weight, e1.bias, offsets, expert))
+            )
             if side is not None:
                 h = h * side.index_select(0, token).to(h.dtype)
             return reference.grouped_linear(h, e2.weight, e2.bias, offsets, expert)
@@ -310,7 +366,9 @@ class MoEFFN(_ExpertBase):
         return reference.moe_apply(x, _expand(idx, tg), _expand(w, tg), ffn, e1.num_experts, e2.out_features)
 
     @torch.no_grad()
-    def upcycle_(self, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor]):
+    def upcycle_(
+        self, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor]
+    ):
         """Initialise from a dense FFN so that the layer computes exactly the dense function."""
         self.fc1.upcycle_(fc1_weight, fc1_bias)
         self.fc2.upcycle_(fc2_weight, fc2_bias)

@@ -38,11 +38,14 @@ from .buffers import new_grad, scratch
 # the blocked merge's tiles (tuned constants live in costs.py; read here through these names)
 from .costs import MERGE_BLOCK_BYTES, MERGE_BLOCK_BYTES_CUDA, MERGE_CHUNK_BYTES, MERGE_MIN_ROWS
 
+
 def _block_bytes(t: Tensor) -> int:
     return MERGE_BLOCK_BYTES_CUDA if t.device.type == "cuda" else MERGE_BLOCK_BYTES
 
 
-def merge_weights(gates: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+def merge_weights(
+    gates: Tensor, weight: Tensor, bias: Optional[Tensor] = None
+) -> Tuple[Tensor, Optional[Tensor]]:
     """Merge stacked experts.
 
     Args:
@@ -105,7 +108,9 @@ def _merge_rows(g: Tensor, weight: Tensor, r0: int, r1: int, out: Tensor) -> Ten
 def _whole(x: Tensor, weight: Tensor) -> bool:
     """Small enough to merge all groups' whole weights at once: the same products as the blocked
     path with one chunk and one block, in a few calls (small layers are bound by per-call costs)."""
-    return x.size(0) * weight[0].numel() * weight.element_size() <= min(_block_bytes(weight), MERGE_CHUNK_BYTES)
+    return x.size(0) * weight[0].numel() * weight.element_size() <= min(
+        _block_bytes(weight), MERGE_CHUNK_BYTES
+    )
 
 
 def _merged_scratch(g: Tensor, weight: Tensor) -> Tensor:
@@ -130,7 +135,9 @@ def _whole_backward(ctx, x, g, weight, bias, dy):
         gx = torch.bmm(dy, _merged_scratch(g, weight))  # (the scratch is free again afterwards)
     db = dy.sum(1) if bias is not None and (need_g or need_b) else None  # [G, out]
     if need_g or need_w:
-        dw = scratch(x.size(0) * weight[0].numel(), weight.dtype, weight.device).view(x.size(0), weight.size(1), -1)
+        dw = scratch(x.size(0) * weight[0].numel(), weight.dtype, weight.device).view(
+            x.size(0), weight.size(1), -1
+        )
         dw = torch.bmm(dy.transpose(1, 2), x, out=dw).view(x.size(0), -1)  # per-group weight gradient
         if need_g:
             # gg^T [N, G], as the blocked path: this orientation is the faster one on the CPU, and
@@ -187,7 +194,11 @@ class MergedLinearFunction(torch.autograd.Function):
         # every row block of the first chunk writes its part of gw; later chunks accumulate
         gw = None
         if need_w:
-            gw = new_grad(ctx.grad_buffer, weight).view(n, -1) if g_total else weight.new_zeros(n, out_f * in_f)
+            gw = (
+                new_grad(ctx.grad_buffer, weight).view(n, -1)
+                if g_total
+                else weight.new_zeros(n, out_f * in_f)
+            )
         gb = torch.zeros_like(bias) if (need_b and bias is not None) else None
         for ci, sl in enumerate(_chunks(g_total, weight)):
             xs, dys, g = x[sl], grad_out[sl], gates[sl].to(weight.dtype)
@@ -228,7 +239,9 @@ class MergedLinearFunction(torch.autograd.Function):
         return gx, gg, gw, gb, None
 
 
-def merged_linear(x: Tensor, gates: Tensor, weight: Tensor, bias: Optional[Tensor] = None, grad_buffer=None) -> Tensor:
+def merged_linear(
+    x: Tensor, gates: Tensor, weight: Tensor, bias: Optional[Tensor] = None, grad_buffer=None
+) -> Tensor:
     """MEO linear for routing groups.
 
     Args:

@@ -212,11 +212,18 @@ def sort_by_expert(topk_idx: Tensor, n: int):
     counts = torch.zeros(n, dtype=torch.int32, device=flat.device).index_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32)
     )  # (N,)
-    return order, torch.div(order, topk_idx.size(1), rounding_mode="floor"), counts.cumsum(0, dtype=torch.int32)
+    return (
+        order,
+        torch.div(order, topk_idx.size(1), rounding_mode="floor"),
+        counts.cumsum(0, dtype=torch.int32),
+    )
 
 
-def moe_linear(x: Tensor, topk_idx: Tensor, topk_gates: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def moe_linear(
+    x: Tensor, topk_idx: Tensor, topk_gates: Tensor, weight: Tensor, bias: Optional[Tensor] = None
+) -> Tensor:
     """Vanilla MoE over linear experts: x (M, in), topk_idx/topk_gates (M, k) -> (M, out)."""
+
     def expert_fn(xs, offsets, expert, token):
         return grouped_linear(xs, weight, bias, offsets, expert)
 
@@ -235,7 +242,9 @@ def moe_apply(x: Tensor, topk_idx: Tensor, topk_gates: Tensor, expert_fn, n: int
     return ys.new_zeros(x.size(0), out_dim).index_add(0, token, ys)  # (M, out)
 
 
-def grouped_linear(xs: Tensor, weight: Tensor, bias: Optional[Tensor], offsets: Tensor, expert: Tensor) -> Tensor:
+def grouped_linear(
+    xs: Tensor, weight: Tensor, bias: Optional[Tensor], offsets: Tensor, expert: Tensor
+) -> Tensor:
     """Rows xs (R, in) sorted by expert (offsets (N,) int32: end of each expert's rows; expert
     (R,) the expert of each row) times their expert: (R, out)."""
     ys = grouped_mm(xs.to(weight.dtype), weight.transpose(1, 2), offsets)  # (R, out)
@@ -250,7 +259,9 @@ def grouped_linear(xs: Tensor, weight: Tensor, bias: Optional[Tensor], offsets: 
 def _grouped_mm_ok(a: Tensor, b: Tensor) -> bool:
     """Shapes and dtypes torch's grouped_mm takes: rows and columns 16-byte aligned; bfloat16 on
     CUDA, fp32/bf16/fp16 on the CPU."""
-    if a.dtype not in ((torch.bfloat16,) if a.device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)):
+    if a.dtype not in (
+        (torch.bfloat16,) if a.device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)
+    ):
         return False
     size = a.element_size()
     return all(s * size % 16 == 0 for s in (a.size(1), b.size(2)))
@@ -318,7 +329,18 @@ def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
 
 
 __all__ = [
-    "Gates", "RouterLoss", "pool", "top_k_gates", "noisy_top_k", "merge_experts", "merged_linear",
-    "apply_merged", "sort_by_expert", "moe_linear", "moe_apply", "grouped_linear", "grouped_mm",
+    "Gates",
+    "RouterLoss",
+    "pool",
+    "top_k_gates",
+    "noisy_top_k",
+    "merge_experts",
+    "merged_linear",
+    "apply_merged",
+    "sort_by_expert",
+    "moe_linear",
+    "moe_apply",
+    "grouped_linear",
+    "grouped_mm",
     "NOISE_EPS",
 ]

@@ -50,7 +50,14 @@ class Routing:
         a, b = self.bounds[s], self.bounds[s + 1]
         pick = slice(s, s + 1)
         comp = self.compressed[:, pick] if self.compressed is not None else None
-        return Routing(self.gates[:, pick], self.topk_idx[:, pick], self.topk_gates[:, pick], comp, [0, b - a], self.version)
+        return Routing(
+            self.gates[:, pick],
+            self.topk_idx[:, pick],
+            self.topk_gates[:, pick],
+            comp,
+            [0, b - a],
+            self.version,
+        )
 
     def flat(self) -> reference.Gates:
         """The gates of the G = B * S groups, run-minor: gates (G, N), topk_idx/topk_gates (G, kf),
@@ -59,7 +66,10 @@ class Routing:
         comp = self.compressed.reshape(b * s, n) if self.compressed is not None else None
         k = self.topk_idx.size(-1)
         return reference.Gates(
-            self.gates.reshape(b * s, n), self.topk_idx.reshape(b * s, k), self.topk_gates.reshape(b * s, k), comp
+            self.gates.reshape(b * s, n),
+            self.topk_idx.reshape(b * s, k),
+            self.topk_gates.reshape(b * s, k),
+            comp,
         )
 
 
@@ -157,8 +167,18 @@ class Router(nn.Module):
             noise = torch.randn(inp.size(0), cfg.experts, device=inp.device) if noisy else None
             keep = aux_mask.float() if aux_mask is not None else None
             g, loss = reference.noisy_top_k(
-                inp, self.w_gate.float(), self.w_noise.float(), cfg.top_k, noise, keep, cfg.compressed_experts,
-                cfg.compressed_weighting, cfg.balance_loss, cfg.balance_weight, cfg.z_loss_weight, aux,
+                inp,
+                self.w_gate.float(),
+                self.w_noise.float(),
+                cfg.top_k,
+                noise,
+                keep,
+                cfg.compressed_experts,
+                cfg.compressed_weighting,
+                cfg.balance_loss,
+                cfg.balance_weight,
+                cfg.z_loss_weight,
+                aux,
             )
             if loss is not None:
                 self.aux_loss, self.summary = loss
@@ -168,7 +188,9 @@ class Router(nn.Module):
     def default_gate(self, groups: int):
         """The learned input-independent gate, repeated for ``groups`` groups."""
         logits = self.default_logits.float().unsqueeze(0)  # (1, N)
-        parts = reference.top_k_gates(logits, self.cfg.top_k, self.cfg.compressed_experts, self.cfg.compressed_weighting)
+        parts = reference.top_k_gates(
+            logits, self.cfg.top_k, self.cfg.compressed_experts, self.cfg.compressed_weighting
+        )
         return tuple(p.expand(groups, *p.shape[1:]) if p is not None else None for p in parts)
 
     # ---- granularities ------------------------------------------------------------------
