@@ -55,6 +55,7 @@ Every number is also given as a ratio to ``dense`` measured in the same run.
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -530,6 +531,7 @@ def main(argv=None) -> int:
         a.tokens = [t for _, t in shapes]
     if a.compile is None:
         a.compile = torch.device(a.device).type == "cuda"
+    logging.getLogger("filelock").setLevel(logging.WARNING)  # (inductor's cache locks, at DEBUG)
     if len(a.batch) != len(a.tokens):
         if len(a.batch) == 1:
             a.batch = a.batch * len(a.tokens)
