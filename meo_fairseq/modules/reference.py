@@ -135,8 +135,9 @@ def noisy_top_k(
     if compressed:
         probs_k = torch.softmax(top_logits[:, :k], -1)  # (G, k)
         selected = logits.new_zeros(logits.shape).scatter(1, top_idx[:, :k], probs_k)
-    count = keep.sum().clamp(min=1.0) if keep is not None else clean.new_tensor(float(clean.size(0)))
-    zero = clean.new_zeros(())
+    # groups counted by the switch and z-losses
+    count = keep.sum().clamp(min=1.0) if keep is not None else float(clean.size(0))
+    zero = clean.new_zeros(()) if (balance != "cv" or n == 1 or z_weight <= 0) else None
     if balance == "cv":
         if smooth:  # smooth load: P(logit_i stays in the top k under new noise), Shazeer et al.
             thr_in, thr_out = top_logits[:, k:], top_logits[:, k - 1 : k]  # (G, 1) (k+1)-th, k-th
@@ -160,12 +161,12 @@ def noisy_top_k(
             fp = torch.cat([top1, torch.softmax(clean, -1)], 1)  # (G, 2N)
             f, p = ((keep @ fp if keep is not None else fp.sum(0)) / count).view(2, n)
             bal = n * (f * p).sum()
-    zl = zero
     if z_weight > 0:  # router z-loss (ST-MoE): mean of logsumexp(clean)^2
         sq = torch.logsumexp(clean, -1).square()  # (G,)
         zl = (keep @ sq if keep is not None else sq.sum()) / count
         loss = balance_weight * bal + z_weight * zl
     else:
+        zl = zero
         loss = balance_weight * bal
     summary = torch.cat([importance, torch.stack([bal, zl])]).detach()  # (N + 2,)
     return out, RouterLoss(loss, summary)
