@@ -70,12 +70,13 @@ SEQ2SEQ = [
 ]
 
 
+@pytest.mark.parametrize("impl", ["auto", "reference"])
 @pytest.mark.parametrize("mode,level,unit,routing", SEQ2SEQ)
-def test_seq2seq_incremental_equals_forward(mode, level, unit, routing):
+def test_seq2seq_incremental_equals_forward(mode, level, unit, routing, impl):
     extra = [
         "--moe-mode", mode, "--moe-level", level, "--moe-expert-unit", unit, "--moe-experts", "4",
         "--moe-top-k", "2", "--moe-decoder-routing", routing, "--moe-segment-length", "3",
-        "--moe-prefix-length", "4", "--moe-compressed-experts", "1",
+        "--moe-prefix-length", "4", "--moe-compressed-experts", "1", "--moe-impl", impl,
     ]
     model, d = build("meo_transformer_tiny", "translation", extra)
     g = torch.Generator().manual_seed(1)
@@ -106,11 +107,12 @@ def test_seq2seq_incremental_equals_forward(mode, level, unit, routing):
     ("moe", "token", "linear", "segment"),
     ("moe", "sequence", "ffn", "prefix"),
 ])
-def test_lm_incremental_equals_forward(mode, level, unit, routing):
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_lm_incremental_equals_forward(mode, level, unit, routing, impl):
     extra = [
         "--moe-mode", mode, "--moe-level", level, "--moe-expert-unit", unit, "--moe-experts", "4",
         "--moe-top-k", "2", "--moe-decoder-routing", routing, "--moe-segment-length", "3",
-        "--moe-prefix-length", "4",
+        "--moe-prefix-length", "4", "--moe-impl", impl,
     ]
     model, d = build("meo_transformer_lm_tiny", "language_modeling", extra)
     g = torch.Generator().manual_seed(2)
