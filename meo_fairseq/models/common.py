@@ -180,7 +180,9 @@ def evaluating() -> bool:
     return _frame_local(("load_model_ensemble_and_task",), "filenames") is not None
 
 
-def _dictionary_errors(saved: dict, own: dict, checkpoint: str) -> List[str]:
+def dictionary_errors(saved: dict, own: dict, checkpoint: str) -> List[str]:
+    """One message per dictionary of ``own`` whose fingerprint differs from ``saved``'s (two
+    metadata documents, see build_metadata); ``checkpoint`` names the checkpoint in them."""
     errors, seen = [], set()
     by_role = {d["role"]: d for d in saved.get("dictionaries", [])}
     for mine in own.get("dictionaries", []):
@@ -223,7 +225,7 @@ def check_loaded_metadata(model: torch.nn.Module, state_dict: dict, prefix: str 
         return
     checkpoint = _frame_local(("load_model_ensemble_and_task", "load_checkpoint"), "filename")
     checkpoint = f"checkpoint {checkpoint}" if checkpoint else "the checkpoint"
-    errors = _dictionary_errors(saved, own, checkpoint)
+    errors = dictionary_errors(saved, own, checkpoint)
     if errors:
         raise CheckpointMismatchError(
             "dictionary mismatch: " + "; ".join(errors) + ". Token ids would mean other words and every score "
@@ -254,3 +256,41 @@ class MetadataCheckMixin:
     def upgrade_state_dict_named(self, state_dict, name):
         check_loaded_metadata(self, state_dict, f"{name}." if name else "")
         super().upgrade_state_dict_named(state_dict, name)
+
+
+def check_data_dictionaries(model_state: dict, checkpoint: str, source_file: str, target_file: str) -> None:
+    """The eval scripts' check, before fairseq runs: the data's dictionary files against the
+    checkpoint's record (or, for a checkpoint without one, against its embedding sizes).
+
+    Args:
+        model_state: the checkpoint's "model" state dict.
+        checkpoint: the checkpoint's path (for the message).
+        source_file, target_file: the data's dictionaries (the same file for a language model).
+    Raises:
+        CheckpointMismatchError naming both dictionary files (or the file and the sizes).
+    """
+    from fairseq.data import Dictionary
+
+    loaded = {}
+    for role, path in (("source", source_file), ("target", target_file)):
+        if path not in loaded:
+            loaded[path] = Dictionary.load(path)
+    saved_tensor = model_state.get(META_KEY)
+    saved = decode_metadata(saved_tensor) if saved_tensor is not None else None
+    if saved is not None:
+        own = {"dictionaries": [
+            {"role": role, "fingerprint": dictionary_fingerprint(loaded[path]), "size": len(loaded[path]), "file": path}
+            for role, path in (("source", source_file), ("target", target_file))
+        ]}  # fmt: skip
+        errors = dictionary_errors(saved, own, f"checkpoint {checkpoint}")
+        if errors:
+            raise CheckpointMismatchError("dictionary mismatch: " + "; ".join(errors))
+        return
+    # no record (an older checkpoint): at least the sizes must match the embeddings
+    for side, path in (("encoder", source_file), ("decoder", target_file)):
+        weight = model_state.get(f"{side}.embed_tokens.weight")
+        if weight is not None and weight.size(0) != len(loaded[path]):
+            raise CheckpointMismatchError(
+                f"dictionary mismatch: {path} has {len(loaded[path])} symbols but checkpoint {checkpoint} was trained "
+                f"with a dictionary of {weight.size(0)} ({side}.embed_tokens)"
+            )
