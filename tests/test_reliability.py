@@ -12,12 +12,19 @@ few updates on tests/data/wikitext-2:
 
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-
-from cli_utils import ADAM, LM_COMMON, MOE_SMALL, USER_DIR, eval_lm, run, run_many, train_inner
+from cli_utils import (
+    ADAM,
+    LM_COMMON,
+    MOE_SMALL,
+    USER_DIR,
+    eval_lm,
+    run,
+    run_many,
+    train_inner,
+)
 
 ARCH = ["--arch", "meo_transformer_lm_tiny", "--criterion", "moe_cross_entropy"]
 MEO = ["--moe-mode", "meo", "--moe-level", "sequence", *MOE_SMALL, "--moe-segment-length", "16"]
@@ -191,3 +198,39 @@ def test_unreadable_upcycle_file_names_flag_and_file(lm_bin, dense_ckpt, tmp_pat
         print(err)
         assert err.startswith("ValueError: ") and f"--moe-upcycle-from {f}:" in err and why in err, err
         assert "expected a checkpoint written by fairseq-train" in err
+
+
+# ---- item 11: scorers and the FLOPs tool ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("scorer", ["rouge", "squad", "fairseq_output"])
+def test_scorers_name_a_file_that_is_not_utf8(scorer, tmp_path, capsys):
+    import importlib
+
+    bad = tmp_path / "hyp.txt"
+    bad.write_bytes("caf\u00e9\n".encode("utf-8") + "na\u00efve\n".encode("latin-1"))
+    good = tmp_path / "ref.txt"
+    good.write_text("a\nb\n", encoding="utf-8")
+    main = importlib.import_module(f"meo_fairseq.scoring.{scorer}").main
+    argv = {
+        "rouge": ["--hyp", bad, "--ref", good],
+        "squad": ["--hyp", bad, "--ids", good, "--ref", good],
+        "fairseq_output": [bad, "--out", tmp_path / "out.txt", "--num", 2],
+    }[scorer]
+    assert main(list(map(str, argv))) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not UTF-8 text (byte 0xef" in err, err
+    assert not (tmp_path / "out.txt").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+    (["--experts", "0"], "--experts must be >= 1, got 0"),
+    (["--top-k", "17"], "--top-k 17 must not exceed --experts 16"),
+])  # fmt: skip
+def test_flops_cli_rejects_bad_sizes(argv, needle, capsys):
+    from meo_fairseq.benchmark.flops import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err

@@ -14,8 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from cli_utils import ADAM, LM_COMMON, MOE_SMALL, USER_DIR, preprocess_seq2seq, run, write_seq2seq_text
+from cli_utils import (
+    ADAM,
+    LM_COMMON,
+    MOE_SMALL,
+    USER_DIR,
+    preprocess_seq2seq,
+    run,
+    write_seq2seq_text,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -117,7 +124,7 @@ def seq2seq(tmp_path_factory):
     root = tmp_path_factory.mktemp("s2s")
     write_seq2seq_text(root / "text")
     data = preprocess_seq2seq(root / "text", root / "bin")
-    n = sum(1 for _ in open(root / "text" / "test.tgt", encoding="utf-8"))
+    n = len((root / "text" / "test.tgt").read_text(encoding="utf-8").splitlines())
     (data / "test.id").write_text("".join(f"{i}\n" for i in range(n)))
     shutil.copy(root / "text" / "test.tgt", data / "test.tgt.raw")
     save = root / "ckpt"

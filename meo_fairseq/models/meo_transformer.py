@@ -12,7 +12,13 @@ from fairseq.models.transformer import TransformerModel
 from fairseq.models.transformer.transformer_legacy import base_architecture
 from fairseq.utils import safe_getattr
 
-from .common import MetadataCheckMixin, MoETransformerDecoder, MoETransformerEncoder, ResumeArgs, attach_metadata
+from .common import (
+    MetadataCheckMixin,
+    MoETransformerDecoder,
+    MoETransformerEncoder,
+    ResumeArgs,
+    attach_metadata,
+)
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
 from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 

@@ -18,7 +18,12 @@ from fairseq.models.transformer_lm import (
 )
 from fairseq.utils import safe_getattr
 
-from .common import MetadataCheckMixin, MoETransformerDecoder, ResumeArgs, attach_metadata
+from .common import (
+    MetadataCheckMixin,
+    MoETransformerDecoder,
+    ResumeArgs,
+    attach_metadata,
+)
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
 from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
