@@ -79,6 +79,13 @@ begin_output() {
 
 _host() { printf '%s' "${HOSTNAME:-$(uname -n)}"; }
 
+# _pid_alive PID: true if a process PID exists on this host (also one of another user)
+_pid_alive() {
+  kill -0 "$1" 2>/dev/null || [[ -d "/proc/$1" ]] && return 0
+  if [[ ! -d /proc/self ]] && command -v ps >/dev/null 2>&1; then ps -p "$1" >/dev/null 2>&1; return; fi
+  return 1
+}
+
 # _remove_stale_staging PARENT NAME: remove PARENT/.NAME.tmp.* left by runs that were killed
 # (SIGKILL skips the EXIT trap): their owner file names a process of this host that is gone;
 # one without an owner file (an older version of these scripts) once it is a minute old.
@@ -89,7 +96,7 @@ _remove_stale_staging() {
     if [[ -f "$d/owner" ]]; then
       read -r pid host < "$d/owner" || true
       [[ "$host" == "$(_host)" && "$pid" =~ ^[0-9]+$ ]] || continue
-      ! ps -p "$pid" >/dev/null 2>&1 || continue
+      ! _pid_alive "$pid" || continue
     else
       [[ -n "$(find "$d" -maxdepth 0 -mmin +1 2>/dev/null)" ]] || continue
     fi

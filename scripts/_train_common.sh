@@ -214,7 +214,8 @@ lock_save_dir() {
   fi
   if [[ -s "$lock" ]]; then
     read -r _ pid _ host _ < "$lock" || true
-    if [[ "$host" == "${HOSTNAME:-$(uname -n)}," && "$pid" =~ ^[0-9]+$ ]] && ! ps -p "$pid" >/dev/null 2>&1; then
+    if [[ "$host" == "${HOSTNAME:-$(uname -n)}," && "$pid" =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null \
+       && ! ps -p "$pid" >/dev/null 2>&1; then
       log "removing the stale lock $lock ($(head -n 1 "$lock"): that process is gone)"
       rm -f "$lock"
     fi
