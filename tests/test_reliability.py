@@ -150,7 +150,9 @@ def test_resume_with_other_moe_options_is_refused(meo_run, lm_bin, tmp_path):
     # on purpose: --reset-moe-options loads the weights and trains on with the new options
     reset, same = run_many([
         ("train", train_args(lm_bin, saves["reset"], *MEO, "--moe-top-k", 1, "--reset-moe-options", updates=3)),
-        ("train", train_args(lm_bin, saves["same"], *MEO, "--moe-balance-weight", 0.02, updates=3)),
+        # other loss weights, and the default routing given explicitly: the same meaning
+        ("train", train_args(lm_bin, saves["same"], *MEO, "--moe-balance-weight", 0.02, "--moe-decoder-routing",
+                             "segment", updates=3)),
     ])  # fmt: skip
     for res in (reset, same):
         assert res.returncode == 0, res.describe()

@@ -127,7 +127,9 @@ def _option_value(args, name):
     return value if value is None or isinstance(value, (bool, int, float)) else str(value)
 
 
-def build_metadata(args, task, dictionary_files: Optional[Tuple[Optional[str], Optional[str]]] = None) -> dict:
+def build_metadata(
+    args, task, dictionary_files: Optional[Tuple[Optional[str], Optional[str]]] = None, defaults: Optional[dict] = None
+) -> dict:
     """The document stored in META_KEY for a model built from ``args`` for ``task``.
 
     Args:
@@ -135,6 +137,8 @@ def build_metadata(args, task, dictionary_files: Optional[Tuple[Optional[str], O
         task: a fairseq task with ``source_dictionary`` and ``target_dictionary``.
         dictionary_files: the files the two dictionaries were read from, for the messages
             (default: task_dictionary_files(task)).
+        defaults: the values the model uses for options left at None (e.g. the decoder routing),
+            so that the default and the same value given explicitly compare equal.
     Returns:
         {"version", "dictionaries": [{"role", "fingerprint", "size", "file"}...], "moe": {option: value}}
     """
@@ -144,6 +148,9 @@ def build_metadata(args, task, dictionary_files: Optional[Tuple[Optional[str], O
         if d is not None:
             dicts.append({"role": role, "fingerprint": dictionary_fingerprint(d), "size": len(d), "file": f})
     moe = {name: _option_value(args, name) for name in MEANING_OPTIONS}
+    for name, value in (defaults or {}).items():
+        if moe.get(name) is None:
+            moe[name] = value
     return {"version": META_VERSION, "dictionaries": dicts, "moe": moe}
 
 
@@ -162,9 +169,10 @@ def decode_metadata(tensor: torch.Tensor) -> Optional[dict]:
     return meta if isinstance(meta, dict) and "dictionaries" in meta else None
 
 
-def attach_metadata(model: torch.nn.Module, args, task, dictionary_files=None) -> None:
-    """Register the META_KEY buffer on a freshly built model (call at the end of build_model)."""
-    model.register_buffer(META_KEY, encode_metadata(build_metadata(args, task, dictionary_files)))
+def attach_metadata(model: torch.nn.Module, args, task, dictionary_files=None, defaults=None) -> None:
+    """Register the META_KEY buffer on a freshly built model (call at the end of build_model;
+    the arguments are build_metadata's)."""
+    model.register_buffer(META_KEY, encode_metadata(build_metadata(args, task, dictionary_files, defaults)))
     model._reset_moe_options = bool(safe_getattr(args, "reset_moe_options", False))
 
 
@@ -238,6 +246,8 @@ def check_loaded_metadata(model: torch.nn.Module, state_dict: dict, prefix: str 
         )
     if evaluating() or getattr(model, "_reset_moe_options", False):
         return
+    if saved.get("moe", {}).get("moe_mode") == own["moe"].get("moe_mode") == "dense":
+        return  # no expert layer either way: the other options mean nothing
     changed = [
         f"--{name.replace('_', '-')} {saved['moe'][name]} (checkpoint) vs {own['moe'][name]} (now)"
         for name in MEANING_OPTIONS

@@ -38,7 +38,7 @@ class MEOTransformerModel(MetadataCheckMixin, TransformerModel):
         path = safe_getattr(args, "moe_upcycle_from", None)
         if path and not loading_trained_checkpoint():
             upcycle_from_checkpoint(model, path)
-        attach_metadata(model, args, task)
+        attach_metadata(model, args, task, defaults={"moe_decoder_routing": "encoder"})
         return model
 
     @classmethod

@@ -61,7 +61,7 @@ class MEOTransformerLanguageModel(MetadataCheckMixin, TransformerLanguageModel):
         path = safe_getattr(args, "moe_upcycle_from", None)
         if path and not loading_trained_checkpoint():
             upcycle_from_checkpoint(model, path)
-        attach_metadata(model, args, task)
+        attach_metadata(model, args, task, defaults={"moe_decoder_routing": "segment"})
         return model
 
 
