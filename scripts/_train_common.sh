@@ -190,7 +190,39 @@ run_train() {
     return 0
   fi
   mkdir -p "$SAVE_DIR"
+  lock_save_dir
   exec "${cmd[@]}"
+}
+
+# lock_save_dir: one training run per --save-dir (two would interleave their checkpoints). With
+# flock(1) the lock is an flock on SAVE_DIR/.train.lock through file descriptor 9, which the
+# training process inherits across exec: the kernel releases it when that process ends, even by
+# SIGKILL. Without flock (e.g. macOS) the file names the holder's pid, and a lock whose process is
+# gone (same host) is stale and taken over. The file says who holds it, for the message.
+lock_save_dir() {
+  local lock="$SAVE_DIR/.train.lock" holder pid host
+  local me
+  me="pid $$ on ${HOSTNAME:-$(uname -n)}, started $(date -u +%Y-%m-%dT%H:%M:%SZ) by $PROG"
+  if command -v flock >/dev/null 2>&1; then
+    exec 9>>"$lock" || die "cannot create the lock file $lock"
+    if ! flock -n 9; then
+      holder="$(head -n 1 "$lock" 2>/dev/null)"
+      die "another training run holds --save-dir $SAVE_DIR (${holder:-holder unknown}; lock $lock): wait for it to end or stop it, or choose another --save-dir"
+    fi
+    printf '%s\n' "$me" > "$lock"
+    return 0
+  fi
+  if [[ -s "$lock" ]]; then
+    read -r _ pid _ host _ < "$lock" || true
+    if [[ "$host" == "${HOSTNAME:-$(uname -n)}," && "$pid" =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null \
+       && ! ps -p "$pid" >/dev/null 2>&1; then
+      log "removing the stale lock $lock ($(head -n 1 "$lock"): that process is gone)"
+      rm -f "$lock"
+    fi
+  fi
+  if ! ( set -o noclobber; printf '%s\n' "$me" > "$lock" ) 2>/dev/null; then
+    die "another training run holds --save-dir $SAVE_DIR ($(head -n 1 "$lock" 2>/dev/null); lock $lock): wait for it to end or stop it, or choose another --save-dir (remove $lock if that run is gone)"
+  fi
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -228,12 +260,15 @@ check_checkpoint() {
   [[ -f "$1" ]] || die "--checkpoint $1: no such file"
 }
 
-# ckpt_info PATH: sets CKPT_MAX_SRC, CKPT_MAX_TGT, CKPT_TOKENS_PER_SAMPLE and CKPT_TASK from the
-# configuration stored in a fairseq checkpoint (empty where the checkpoint has no such value).
+# ckpt_info PATH [SOURCE_DICT TARGET_DICT]: sets CKPT_MAX_SRC, CKPT_MAX_TGT,
+# CKPT_TOKENS_PER_SAMPLE and CKPT_TASK from the configuration stored in a fairseq checkpoint
+# (empty where the checkpoint has no such value). With the data's dictionary files: dies, naming
+# both files, when they are not the dictionaries the checkpoint was trained with (a wrong score
+# otherwise; see meo_fairseq.models.common.check_data_dictionaries).
 # The file is memory-mapped, so even a large checkpoint is not read into memory for this.
 ckpt_info() {
   local out
-  out="$("$PY" - "$1" <<'PYEOF'
+  out="$("$PY" - "$@" <<'PYEOF'
 import sys
 
 import torch
@@ -259,6 +294,13 @@ def get(section, key):
 
 task = get("task", "_name") or get("model", "task")
 print(f"CKPT_TASK={task or ''}")
+if len(sys.argv) > 3 and isinstance(state.get("model"), dict):
+    from meo_fairseq.models.common import CheckpointMismatchError, check_data_dictionaries
+
+    try:
+        check_data_dictionaries(state["model"], path, sys.argv[2], sys.argv[3])
+    except CheckpointMismatchError as e:
+        print(f"CKPT_ERROR={e}")
 for name, section, key in (
     ("CKPT_MAX_SRC", "model", "max_source_positions"),
     ("CKPT_MAX_TGT", "model", "max_target_positions"),
@@ -276,8 +318,26 @@ PYEOF
       CKPT_MAX_SRC=*) CKPT_MAX_SRC="${line#*=}" ;;
       CKPT_MAX_TGT=*) CKPT_MAX_TGT="${line#*=}" ;;
       CKPT_TOKENS_PER_SAMPLE=*) CKPT_TOKENS_PER_SAMPLE="${line#*=}" ;;
+      CKPT_ERROR=*) die "${line#*=}. Evaluate on data binarized with the checkpoint's dictionary (fairseq-preprocess --srcdict)" ;;
     esac
   done <<< "$out"
+}
+
+# explain_failure LOG: one line on why a fairseq command failed, from its output in LOG
+explain_failure() {
+  local line sizes
+  line="$(grep -E 'CheckpointMismatchError: ' "$1" | tail -n 1)"
+  if [[ -n "$line" ]]; then
+    printf '%s\n' "${line#*CheckpointMismatchError: }"
+    return
+  fi
+  sizes="$(grep -oE 'size mismatch for [A-Za-z_.]*embed_tokens\.weight: copying a param with shape torch\.Size\(\[[0-9]+' "$1" | head -n 1)"
+  if [[ -n "$sizes" ]]; then
+    printf '%s\n' "the checkpoint's dictionary has ${sizes##*[} symbols, not the size of the data's dictionary: evaluate on data binarized with the checkpoint's dictionary"
+    return
+  fi
+  line="$(grep -E '^[A-Za-z_.]*(Error|Exception): |(^|: )error: ' "$1" | tail -n 1)"
+  printf '%s\n' "${line:-no error message (see the output above)}"
 }
 
 # run_generate DATA CKPT OUT SUBSET BPE GEN_ARGS...: fairseq-generate (task translation, src -> tgt)
@@ -287,7 +347,7 @@ PYEOF
 run_generate() {
   local data="$1" ckpt="$2" out="$3" subset="$4" bpe="$5"
   shift 5
-  ckpt_info "$ckpt"
+  ckpt_info "$ckpt" "$data/dict.src.txt" "$data/dict.tgt.txt"
   if [[ -n "$CKPT_TASK" && "$CKPT_TASK" != translation ]]; then
     die "--checkpoint $ckpt: trained for task '$CKPT_TASK', not translation (use the matching train_*.sh)"
   fi
@@ -307,7 +367,13 @@ run_generate() {
              "${bpe_args[@]+"${bpe_args[@]}"}" "$@")
   STDOUT_TO="$gen_out" print_cmd "${cmd[@]}"
   mkdir -p "$out"
-  "${cmd[@]}" > "$gen_out" || die "fairseq-generate failed (output so far: $gen_out)"
+  local err_log="$out/generate-$subset.err" status
+  # stdout (hypotheses, logs) to gen_out; stderr shown and kept for the message below
+  set +e
+  "${cmd[@]}" 2>&1 > "$gen_out" | tee "$err_log" >&2
+  status=${PIPESTATUS[0]}
+  set -e
+  (( status == 0 )) || die "fairseq-generate failed: $(explain_failure "$err_log") (output so far: $gen_out, errors: $err_log)"
   cmd=("$PY" -m meo_fairseq.scoring.fairseq_output "$gen_out" --out "$out/hyp.txt"
        --ids "$data/$subset.id" --kind "$kind" --decode "$decode")
   print_cmd "${cmd[@]}"

@@ -36,7 +36,7 @@ check_data_dir "$DATA" dict.txt "$SUBSET.idx" "$SUBSET.bin"
 check_checkpoint "$CKPT"
 DATA="$(abs_path "$DATA")" CKPT="$(abs_path "$CKPT")" OUT="$(abs_path "$OUT")"
 
-ckpt_info "$CKPT"
+ckpt_info "$CKPT" "$DATA/dict.txt" "$DATA/dict.txt"
 if [[ -n "$CKPT_TASK" && "$CKPT_TASK" != language_modeling ]]; then
   die "--checkpoint $CKPT: trained for task '$CKPT_TASK', not language_modeling (use the matching eval_*.sh)"
 fi
@@ -54,6 +54,8 @@ args=("$DATA" --user-dir "$USER_DIR" --path "$CKPT" --task language_modeling --g
 # fairseq-eval-lm itself, run through a small driver that keeps its result (the CLI only logs it)
 print_cmd "$PY" -m fairseq_cli.eval_lm "${args[@]}"
 mkdir -p "$OUT"
+# (set +e: under pipefail a failure would end the script here, before its message below)
+set +e
 "$PY" - "$OUT/ppl.json" "$CKPT" "$SUBSET" "$TPS" "$CONTEXT" "${args[@]}" <<'PYEOF' 2>&1 | tee "$OUT/eval.log"
 import json
 import logging
@@ -107,5 +109,6 @@ os.replace(tmp, out_path)
 print(json.dumps(scores, indent=2, sort_keys=True))
 PYEOF
 status=${PIPESTATUS[0]}
-(( status == 0 )) || die "fairseq-eval-lm failed (see $OUT/eval.log)"
+set -e
+(( status == 0 )) || die "fairseq-eval-lm failed: $(explain_failure "$OUT/eval.log") (full output: $OUT/eval.log)"
 log "wrote $OUT/ppl.json"

@@ -30,7 +30,8 @@ Options:
                          Without --raw both are downloaded from the SQuAD explorer site to
                          --download-dir (network needed).
   --out DIR              output directory. Written atomically (staged next to it, then moved); an
-                         existing DIR is replaced only if it holds an earlier output of this script.
+                         existing DIR must hold an earlier output of this script: only the files
+                         that output wrote are replaced, anything else in DIR is kept.
   --vocab-size N         sentencepiece vocabulary size (default 32000)
   --max-source-tokens N  source length limit in tokens, </s> included (default 512)
   --workers N            threads/processes for encoding and fairseq-preprocess (default: cores, max 8)

@@ -27,7 +27,8 @@ Options:
   --format F          tokens or raw (default: detected from the file names in --raw; tokens
                       when downloading)
   --out DIR           output directory. Written atomically (staged next to it, then moved); an
-                      existing DIR is replaced only if it holds an earlier output of this script.
+                      existing DIR must hold an earlier output of this script: only the files
+                      that output wrote are replaced, anything else in DIR is kept.
   --vocab-size N      raw: sentencepiece vocabulary size (default 32000);
                       tokens: keep only the N most frequent words (default: all words)
   --workers N         threads/processes for encoding and fairseq-preprocess (default: cores, max 8)

@@ -20,7 +20,8 @@ Options:
                       Hugging Face data set EdinburghNLP/xsum). Without --raw, the parquet files of
                       EdinburghNLP/xsum are downloaded (network and pyarrow needed) to --download-dir.
   --out DIR           output directory. Written atomically (staged next to it, then moved); an
-                      existing DIR is replaced only if it holds an earlier output of this script.
+                      existing DIR must hold an earlier output of this script: only the files
+                      that output wrote are replaced, anything else in DIR is kept.
   --vocab-size N      sentencepiece vocabulary size (default 32000)
   --workers N         threads/processes for encoding and fairseq-preprocess (default: cores, max 8)
   --download-dir DIR  where the download goes without --raw (default: DIR.download next to --out)

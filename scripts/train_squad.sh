@@ -21,6 +21,7 @@ lr 5e-4 inverse_sqrt with 4000 warmup updates, dropout 0.1, weight decay 1e-4, -
 
   --data DIR          output of scripts/prepare_squad.sh
   --save-dir DIR      where the checkpoints go (checkpoint_best.pt, checkpoint_last.pt, train.log)
+                      (a run resumes from DIR; one run at a time: a second one in DIR is refused)
   --arch A            meo_transformer (default), meo_transformer_tiny, meo_bart_base, meo_bart_large
   --upcycle-from CKPT initialise from a dense fairseq checkpoint of the same size (--moe-upcycle-from),
                       e.g. bart.base/model.pt with --arch meo_bart_base (GPT-2 BPE vocabulary: see

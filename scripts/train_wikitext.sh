@@ -24,6 +24,7 @@ shared input/output embeddings, cross-entropy (plus the experts' auxiliary losse
 
   --data DIR          output of scripts/prepare_wikitext.sh
   --save-dir DIR      where the checkpoints go (checkpoint_best.pt, checkpoint_last.pt, train.log)
+                      (a run resumes from DIR; one run at a time: a second one in DIR is refused)
   --arch A            meo_transformer_lm_gpt2_small (default), meo_transformer_lm_gpt2_medium,
                       meo_transformer_lm, meo_transformer_lm_tiny
   --upcycle-from CKPT initialise from a dense fairseq transformer_lm checkpoint of the same size

@@ -19,6 +19,7 @@ clip-norm 0.1, --max-tokens 2048, --update-freq 2, dropout 0.1).
 
   --data DIR          output of scripts/prepare_xsum.sh
   --save-dir DIR      where the checkpoints go (checkpoint_best.pt, checkpoint_last.pt, train.log)
+                      (a run resumes from DIR; one run at a time: a second one in DIR is refused)
   --arch A            meo_bart_large (default), meo_bart_base, meo_transformer, meo_transformer_tiny
   --upcycle-from CKPT initialise from a dense fairseq checkpoint of the same size (--moe-upcycle-from):
                       experts = copies of its FFNs, routers at zero (e.g. bart.large/model.pt; its

@@ -8,9 +8,11 @@ import filecmp
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -367,3 +369,84 @@ def test_train_sentencepiece_is_deterministic():
     assert a != P.train_sentencepiece(text, 300, max_chars=3000)  # sampled subset -> another model
     with pytest.raises(ValueError, match="vocab"):
         P.train_sentencepiece(["tiny text"], 5000)
+
+
+# ----------------------------------------------------------------------------- re-preparing (issue 18)
+
+
+def test_rebuild_keeps_files_the_script_did_not_write(tmp_path):
+    """Re-preparing with other options replaces only the script's own files (issue 18, item 1)."""
+    out = tmp_path / "out"
+    args = ("--raw", DATA / "wikitext-2", "--out", out, "--workers", 1)
+    ok(run_script("prepare_wikitext.sh", *args))
+    first_dict = dict_words(out / "dict.txt")
+    (out / "NOTES.txt").write_text("x\n")
+    (out / "runs").mkdir()
+    (out / "runs" / "log.txt").write_text("my log\n")
+    (out / ".hidden").write_text("h\n")
+    proc = ok(run_script("prepare_wikitext.sh", *args, "--vocab-size", 300))
+    assert "NOTES.txt" in proc.stderr  # says what it keeps
+    assert (out / "NOTES.txt").read_text() == "x\n"
+    assert (out / "runs" / "log.txt").read_text() == "my log\n"
+    assert (out / ".hidden").read_text() == "h\n"
+    assert len(dict_words(out / "dict.txt")) == 300 < len(first_dict)  # rebuilt
+    stamp_outputs = [line[len("output "):] for line in lines(out / "prepare.stamp") if line.startswith("output ")]
+    assert "dict.txt" in stamp_outputs and "NOTES.txt" not in stamp_outputs
+    assert not list(tmp_path.glob(".out.tmp.*"))
+
+
+def test_rebuild_refuses_a_user_file_with_an_output_name(tmp_path):
+    """tokens format, then a user's spm.model, then the raw format (which writes spm.model):
+    refused, nothing changed."""
+    out = tmp_path / "out"
+    ok(run_script("prepare_wikitext.sh", "--raw", DATA / "wikitext-2", "--out", out, "--workers", 1, "--vocab-size", 300))
+    (out / "spm.model").write_text("mine\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for split, n in (("train", 200), ("valid", 20), ("test", 20)):
+        text = lines(REPO / "examples" / "data" / "enwiki" / f"wiki.{split}.raw")[:n]
+        (raw / f"wiki.{split}.raw").write_text("\n".join(text) + "\n", encoding="utf-8")
+    proc = run_script("prepare_wikitext.sh", "--raw", raw, "--out", out, "--workers", 1, "--vocab-size", VOCAB)
+    assert proc.returncode != 0 and f"{out}/spm.model was not written by prepare_wikitext.sh" in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not list(tmp_path.glob(".out.tmp.*"))
+
+
+def test_staging_dir_of_a_killed_run_is_removed(tmp_path):
+    """A run killed with SIGKILL leaves .NAME.tmp.*; the next run for that --out removes it
+    (issue 18, item 9), but not the staging directory of a run still going."""
+    out = tmp_path / "out"
+    dead = tmp_path / ".out.tmp.dead01"
+    (dead / "out").mkdir(parents=True)
+    (dead / "owner").write_text(f"999999999 {os.uname().nodename}\n")
+    alive = tmp_path / ".out.tmp.alive1"
+    (alive / "out").mkdir(parents=True)
+    (alive / "owner").write_text(f"{os.getpid()} {os.uname().nodename}\n")
+    old_version = tmp_path / ".out.tmp.legacy"
+    (old_version / "out").mkdir(parents=True)
+    os.utime(old_version, (1e9, 1e9))  # long ago
+    other = tmp_path / ".other.tmp.dead02"  # another --out's: not ours to touch
+    other.mkdir()
+    (other / "owner").write_text(f"999999999 {os.uname().nodename}\n")
+    proc = ok(run_script("prepare_wikitext.sh", "--raw", DATA / "wikitext-2", "--out", out, "--workers", 1, "--vocab-size", 300))
+    assert not dead.exists() and not old_version.exists(), proc.stderr
+    assert alive.is_dir() and other.is_dir()
+    assert str(dead) in proc.stderr
+
+
+def test_sigkilled_prepare_then_rerun(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable)
+    p = subprocess.Popen(["bash", str(SCRIPTS / "prepare_wikitext.sh"), "--raw", DATA / "wikitext-2", "--out", out,
+                          "--workers", "1"], env=env, cwd=str(REPO), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp.*/out")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGKILL)  # the script and its children, as a killed job
+    p.wait()
+    staged = list(tmp_path.glob(".out.tmp.*"))
+    assert staged and not out.exists()  # killed while staging
+    ok(run_script("prepare_wikitext.sh", "--raw", DATA / "wikitext-2", "--out", out, "--workers", 1))
+    assert not list(tmp_path.glob(".out.tmp.*")) and (out / "dict.txt").is_file()

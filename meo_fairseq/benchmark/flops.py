@@ -421,6 +421,16 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-presets", default=",".join(PRESETS))
     p.add_argument("--out", default="flops_vs_k.png", help="figure path for --sweep (a .json with the numbers goes beside it)")
     a = p.parse_args(argv)
+    for flag in ("layers", "dim", "ffn", "heads", "vocab", "seq_len", "experts", "top_k", "sweep_experts"):
+        value = getattr(a, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if a.top_k > a.experts:
+        p.error(f"--top-k {a.top_k} must not exceed --experts {a.experts}")
+    if a.dim is not None and a.heads is not None and a.dim % a.heads:
+        p.error(f"--dim {a.dim} must be a multiple of --heads {a.heads}")
+    if a.sweep and (not a.sweep_k or min(a.sweep_k) < 1 or max(a.sweep_k) > a.sweep_experts):
+        p.error(f"--sweep-k values must be in 1..--sweep-experts ({a.sweep_experts}), got {a.sweep_k}")
 
     if a.sweep:
         log = None if a.json else (lambda s: print(s, file=sys.stderr, flush=True))

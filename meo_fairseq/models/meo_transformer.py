@@ -12,17 +12,24 @@ from fairseq.models.transformer import TransformerModel
 from fairseq.models.transformer.transformer_legacy import base_architecture
 from fairseq.utils import safe_getattr
 
-from .common import MoETransformerDecoder, MoETransformerEncoder
+from .common import (
+    MetadataCheckMixin,
+    MoETransformerDecoder,
+    MoETransformerEncoder,
+    ResumeArgs,
+    attach_metadata,
+)
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
 from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
 
 @register_model("meo_transformer")
-class MEOTransformerModel(TransformerModel):
+class MEOTransformerModel(MetadataCheckMixin, TransformerModel):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
         gen_parser_from_dataclass(parser, MoEArgs())
+        gen_parser_from_dataclass(parser, ResumeArgs())
         add_gate_noise_alias(parser)
 
     @classmethod
@@ -31,6 +38,7 @@ class MEOTransformerModel(TransformerModel):
         path = safe_getattr(args, "moe_upcycle_from", None)
         if path and not loading_trained_checkpoint():
             upcycle_from_checkpoint(model, path)
+        attach_metadata(model, args, task, defaults={"moe_decoder_routing": "encoder"})
         return model
 
     @classmethod

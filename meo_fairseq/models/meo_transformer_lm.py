@@ -18,7 +18,12 @@ from fairseq.models.transformer_lm import (
 )
 from fairseq.utils import safe_getattr
 
-from .common import MoETransformerDecoder
+from .common import (
+    MetadataCheckMixin,
+    MoETransformerDecoder,
+    ResumeArgs,
+    attach_metadata,
+)
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
 from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
@@ -26,12 +31,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class MEOTransformerLMConfig(TransformerLanguageModelConfig, MoEArgs):
+class MEOTransformerLMConfig(TransformerLanguageModelConfig, MoEArgs, ResumeArgs):
     pass
 
 
 @register_model("meo_transformer_lm", dataclass=MEOTransformerLMConfig)
-class MEOTransformerLanguageModel(TransformerLanguageModel):
+class MEOTransformerLanguageModel(MetadataCheckMixin, TransformerLanguageModel):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
@@ -56,6 +61,7 @@ class MEOTransformerLanguageModel(TransformerLanguageModel):
         path = safe_getattr(args, "moe_upcycle_from", None)
         if path and not loading_trained_checkpoint():
             upcycle_from_checkpoint(model, path)
+        attach_metadata(model, args, task, defaults={"moe_decoder_routing": "segment"})
         return model
 
 

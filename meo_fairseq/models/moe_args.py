@@ -178,5 +178,11 @@ def layer_configs(args, side: str, num_layers: int, is_lm: bool = False) -> List
         compressed_weighting=_compressed_weighting(args),
         compile=bool(_get(args, "moe_compile", False)),
     )
+    if mode != "dense" and 0 < num_layers < freq:
+        raise ValueError(
+            f"--moe-freq {freq}: the {side} has {num_layers} layers, so none of them would get experts "
+            f"(layers {freq - 1}, {2 * freq - 1}, ... do); use --moe-freq {num_layers} or less, "
+            "or --moe-mode dense for a dense model"
+        )
     dense = base.with_(mode="dense")
     return [base if (i + 1) % freq == 0 else dense for i in range(num_layers)]

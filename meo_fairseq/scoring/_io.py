@@ -6,16 +6,36 @@ from typing import List
 
 
 def read_lines(path: str) -> List[str]:
-    """Lines of a UTF-8 text file, split at ``\\n`` only, without the ``\\n`` (or ``\\r\\n``)."""
+    """Lines of a UTF-8 text file, split at ``\\n`` only, without the ``\\n`` (or ``\\r\\n``).
+
+    Raises:
+        ValueError: naming the file and line, for text that is not UTF-8 (a bare
+            UnicodeDecodeError would not name the file).
+    """
     out = []
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if line.endswith("\n"):
                 line = line[:-1]
             if line.endswith("\r"):
                 line = line[:-1]
             out.append(line)
     return out
+
+
+def read_text(path: str, encoding: str = "utf-8") -> str:
+    """The whole file as text; a file that is not UTF-8 raises ValueError naming it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        lineno = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {data[e.start]:#04x})") from None
 
 
 def write_json(path: str, obj) -> None:

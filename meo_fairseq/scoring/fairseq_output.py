@@ -101,11 +101,19 @@ def main(argv=None) -> int:
     p.add_argument("--decode", default="auto", choices=["auto", "spm", "none"])
     p.add_argument("--allow-missing", action="store_true", help="write an empty line for a sample without hypothesis")
     args = p.parse_args(argv)
-    num = len(read_lines(args.ids)) if args.ids else args.num
+    try:
+        num = len(read_lines(args.ids)) if args.ids else args.num
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         hyps = read_hypotheses(args.generate_output, num, args.kind, args.decode, args.allow_missing)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except ValueError as e:
-        print(f"error: {args.generate_output}: {e}", file=sys.stderr)
+        msg = str(e)
+        print(f"error: {msg if msg.startswith(args.generate_output) else f'{args.generate_output}: {msg}'}", file=sys.stderr)
         return 2
     with open(args.out, "w", encoding="utf-8", newline="\n") as f:
         for h in hyps:

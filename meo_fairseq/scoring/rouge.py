@@ -51,7 +51,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the scores to this JSON file")
     p.add_argument("--no-stemmer", action="store_true", help="score without the Porter stemmer")
     args = p.parse_args(argv)
-    hyps, refs = read_lines(args.hyp), read_lines(args.ref)
+    try:
+        hyps, refs = read_lines(args.hyp), read_lines(args.ref)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         scores = rouge_scores(hyps, refs, use_stemmer=not args.no_stemmer)
     except ValueError as e:

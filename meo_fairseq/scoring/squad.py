@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from typing import Callable, Dict, List, Mapping, Sequence
 
-from ._io import read_lines, report
+from ._io import read_lines, read_text, report
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -87,8 +87,7 @@ def squad_scores(predictions: Mapping[str, str], references: Mapping[str, Sequen
 
 def load_references(path: str) -> Dict[str, List[str]]:
     """id -> reference answers, from ``dev.answers.jsonl`` or a SQuAD v1.1 JSON file."""
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    text = read_text(path, "utf-8-sig")
     refs: Dict[str, List[str]] = {}
     try:
         doc = json.loads(text)
@@ -117,8 +116,10 @@ def load_references(path: str) -> Dict[str, List[str]]:
 def load_predictions(hyp_path: str, ids_path: str = None) -> Dict[str, str]:
     """id -> predicted answer: from parallel ``hyp``/``ids`` text files, or a predictions JSON file."""
     if ids_path is None:
-        with open(hyp_path, encoding="utf-8") as f:
-            preds = json.load(f)
+        try:
+            preds = json.loads(read_text(hyp_path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{hyp_path}: not a JSON predictions file ({e}); give --ids for a text file") from None
         if not isinstance(preds, dict):
             raise ValueError(f"{hyp_path}: without --ids, --hyp must be a JSON object id -> answer")
         return {str(k): str(v) for k, v in preds.items()}
