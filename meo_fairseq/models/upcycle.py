@@ -44,11 +44,14 @@ def loading_trained_checkpoint() -> bool:
 
 
 @torch.no_grad()
-def upcycle_from_checkpoint(model: torch.nn.Module, path: str) -> None:
+def upcycle_from_checkpoint(model: torch.nn.Module, path: str, upgrade=None) -> None:
+    """``upgrade``: optional callable, dense state dict -> state dict in the model's key layout."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--moe-upcycle-from: no checkpoint at {path!r}")
     state = checkpoint_utils.load_checkpoint_to_cpu(path)
     dense = state["model"]
+    if upgrade is not None:
+        dense = upgrade(dense)
     ffn_prefixes = {name[: -len("fc1")]: m for name, m in model.named_modules() if isinstance(m, FairseqMoEFFN)}
     own = model.state_dict()
     copied, skipped = 0, []
