@@ -117,7 +117,7 @@ if [[ "${TASK^^}" == ALL ]]; then
     [[ -z "$SPM_MODEL" ]] || args+=(--spm-model "$SPM_MODEL")
     [[ -z "$DICT" ]] || args+=(--dict "$DICT")
     [[ -z "$ENCODER_JSON" ]] || args+=(--encoder-json "$ENCODER_JSON" --vocab-bpe "$VOCAB_BPE")
-    "$0" "${args[@]}" || die "preparing $name failed (see above)"
+    bash "$0" "${args[@]}" || die "preparing $name failed (see above)"
   done
   (( found )) || die "--glue-dir $GLUE_DIR holds none of the task folders: ${NAMES[*]}"
   exit 0

@@ -25,8 +25,8 @@ DATA = REPO / "tests" / "data"
 SCRIPTS = REPO / "scripts"
 sys.path.insert(0, str(REPO))
 
-from meo_fairseq.data import glue as G  # noqa: E402
-from meo_fairseq.scoring.glue import glue_metrics  # noqa: E402
+from meo_fairseq.data import glue as G
+from meo_fairseq.scoring.glue import glue_metrics
 
 GLUE_NAMES = ("CoLA", "SST-2", "MRPC", "QQP", "STS-B", "MNLI", "QNLI", "RTE", "WNLI")
 TINY_DENSE = [
@@ -144,21 +144,27 @@ def test_architectures_mirror_roberta_defaults():
     assert _arch(M.meo_roberta_large)["encoder_embed_dim"] == 1024 and len(_arch(M.meo_roberta_base)) > 20
 
 
-def test_pretrain_meo_roberta_masked_lm(work, enwiki):
-    """meo_roberta_tiny (token-level MEO) with moe_masked_lm: the loss falls, the routing metrics are logged."""
+@pytest.fixture(scope="module")
+def meo_mlm(work, enwiki):
+    """meo_roberta_tiny (token-level MEO) after 30 updates of moe_masked_lm: (checkpoint, log)."""
     save = work / "meo_mlm"
     proc = fairseq_train(
         enwiki, *MLM, "--arch", "meo_roberta_tiny", "--criterion", "moe_masked_lm", *MOE_SMALL,
         "--moe-level", "token", "--max-update", 30, "--save-dir", save,
     )  # fmt: skip
-    log = proc.stdout + proc.stderr
+    return save / "checkpoint_last.pt", proc.stdout + proc.stderr
+
+
+def test_pretrain_meo_roberta_masked_lm(meo_mlm):
+    """The masked-LM loss falls, the routing metrics are logged beside it."""
+    ckpt, log = meo_mlm
     inner = [line for line in log.splitlines() if "train_inner" in line]
     losses = [log_values(line, "loss")[0] for line in inner]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
     assert all("moe_aux=" in line and "moe_balance=" in line for line in inner)
     valid = [line for line in log.splitlines() if "valid on" in line]
     assert valid and 0 < log_values(valid[-1], "ppl")[0] < 2001
-    assert (save / "checkpoint_last.pt").is_file()
+    assert ckpt.is_file()
 
 
 def _build(data, *args):
@@ -272,8 +278,9 @@ def _stsb(raw):
         (raw / "STS-B" / f"{name}.tsv").write_text("\n".join(out) + "\n")
 
 
-def test_stsb_regression(work, enwiki):
-    """STS-B: scores / 5 as label files, --regression-target builds and trains, Pearson/Spearman JSON."""
+def test_stsb_regression(work, enwiki, meo_mlm):
+    """STS-B: scores / 5 as label files; --regression-target builds and trains from the pretrained
+    meo_roberta (--init-from); Pearson/Spearman JSON."""
     raw, data, save, out = work / "stsb_raw", work / "stsb-bin", work / "ft_stsb", work / "eval_stsb"
     _stsb(raw)
     ok(run_script("prepare_glue.sh", "--task", "sts-b", "--glue-dir", raw, "--out", data,
@@ -281,9 +288,10 @@ def test_stsb_regression(work, enwiki):
     assert (data / "label" / "train.label").read_text().split()[:1] in (["0.84"], ["0.2"])
     assert not (data / "input1" / "test.idx").exists() and (data / "input1" / "valid.idx").exists()
     proc = ok(run_script("train_glue.sh", "--task", "STS-B", "--data", data, "--save-dir", save,
-                         "--arch", "meo_roberta_tiny", *MOE_SMALL, "--max-update", 3, "--num-workers", 0))  # fmt: skip
+                         "--arch", "meo_roberta_tiny", *MOE_SMALL, "--max-update", 3, "--num-workers", 0,
+                         "--init-from", meo_mlm[0]))  # fmt: skip
     assert "--regression-target" in proc.stderr and "--num-classes 1" in proc.stderr
-    assert "num_updates 3" in proc.stdout + proc.stderr
+    assert "num_updates 3" in proc.stdout + proc.stderr and "--finetune-from-model" in proc.stderr
     ok(run_script("eval_glue.sh", "--task", "stsb", "--data", data, "--checkpoint", save / "checkpoint_last.pt",
                   "--out", out, "--cpu"))  # fmt: skip
     scores = json.loads((out / "glue.json").read_text())

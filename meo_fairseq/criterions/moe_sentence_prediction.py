@@ -2,7 +2,10 @@
 classification, or regression with ``--regression-target``) plus the expert layers' aux losses."""
 
 from fairseq.criterions import register_criterion
-from fairseq.criterions.sentence_prediction import SentencePredictionConfig, SentencePredictionCriterion
+from fairseq.criterions.sentence_prediction import (
+    SentencePredictionConfig,
+    SentencePredictionCriterion,
+)
 
 from .moe_aux import add_aux, reduce_aux
 

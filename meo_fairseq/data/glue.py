@@ -35,7 +35,7 @@ try:
     )
 except ImportError:  # run as a file (python meo_fairseq/data/glue.py ...)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from prepare import (  # noqa: E402
+    from prepare import (
         DataError,
         iter_text_lines,
         load_sentencepiece,

@@ -83,6 +83,10 @@ class MEORobertaModel(RobertaModel):
         self._upcycled_heads: Dict[str, Dict[str, torch.Tensor]] = {}
 
     @classmethod
+    def hub_models(cls):
+        return {}  # no released expert checkpoints: upcycle roberta.base / roberta.large instead
+
+    @classmethod
     def add_args(cls, parser):
         RobertaModel.add_args(parser)
         gen_parser_from_dataclass(parser, MoEArgs())

@@ -77,7 +77,7 @@ def predict(data: str, checkpoint: str, subset: str = "valid", batch_size: int =
     import torch
     from fairseq import checkpoint_utils, utils
 
-    import meo_fairseq  # noqa: F401  (registers the plugin's models and criteria)
+    import meo_fairseq  # registers the plugin's models and criteria
 
     user_dir = os.path.dirname(os.path.abspath(meo_fairseq.__file__))
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
