@@ -44,7 +44,8 @@ FINETUNE = [
     "--arch", "meo_roberta_tiny", "--epochs", "5", "--lr", "1e-3", "--num-workers", "0", "--seed", "1",
     "--validate-interval", "5", "--save-interval", "5", "--no-save-optimizer-state", *MOE_SMALL,
 ]  # fmt: skip
-QNLI_MIN_ACCURACY = 60.0  # chance: 50 (100 + 100 dev pairs)
+# chance: 50 (100 + 100 dev pairs); seeds 1, 2, 3 of this run measured 68.5, 60.0, ... (README)
+QNLI_MIN_ACCURACY = 58.0
 
 
 def env(**extra):
@@ -110,9 +111,10 @@ def qnli(work, enwiki):
 
 @pytest.fixture(scope="module")
 def dense_roberta(work, enwiki):
-    """A tiny dense fairseq `roberta` after 30 masked-LM updates (the model to upcycle)."""
+    """A tiny dense fairseq `roberta` after 40 masked-LM updates (the model to upcycle; the same run
+    as examples/glue/README.md's)."""
     save = work / "dense"
-    fairseq_train(enwiki, *MLM, *TINY_DENSE, "--criterion", "masked_lm", "--max-update", 30, "--save-dir", save)
+    fairseq_train(enwiki, *MLM, *TINY_DENSE, "--criterion", "masked_lm", "--max-update", 40, "--save-dir", save)
     return save / "checkpoint_last.pt"
 
 
