@@ -189,7 +189,7 @@ def _tokens(n_vocab):
     return src
 
 
-@pytest.mark.parametrize("mode,level", [("meo", "token"), ("meo", "sequence"), ("moe", "token")])
+@pytest.mark.parametrize("mode,level", [("meo", "token"), ("meo", "sequence"), ("moe", "token"), ("dense", "sequence")])
 def test_upcycle_dense_roberta_exact(dense_roberta, enwiki, mode, level):
     """Masked-LM logits of the upcycled model equal the dense model's (before any update)."""
     from fairseq import checkpoint_utils
@@ -200,12 +200,38 @@ def test_upcycle_dense_roberta_exact(dense_roberta, enwiki, mode, level):
         enwiki, "--task", "masked_lm", "--tokens-per-sample", 512, "--arch", "meo_roberta_tiny", *MOE_SMALL,
         "--moe-mode", mode, "--moe-level", level, "--moe-upcycle-from", dense_roberta,
     )  # fmt: skip
-    assert sum(p.numel() for p in meo.parameters()) > sum(p.numel() for p in dense.parameters())
+    n_meo, n_dense = (sum(p.numel() for p in m.parameters()) for m in (meo, dense))
+    assert n_meo == n_dense if mode == "dense" else n_meo > n_dense
     src = _tokens(len(task.source_dictionary))
     with torch.no_grad():
         want, got = dense(src)[0], meo(src)[0]
     assert want.shape == got.shape == (3, 24, len(task.source_dictionary))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_sequence_routing_ignores_padding(enwiki, level):
+    """The routers read the masked mean over each input's real tokens: a padded sequence in a batch
+    gets the output it gets alone (random routers, so the gates matter)."""
+    task, meo = _build(enwiki, "--task", "masked_lm", "--tokens-per-sample", 512, "--arch", "meo_roberta_tiny",
+                       *MOE_SMALL, "--moe-level", level)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in meo.named_parameters():
+            if ".router." in name:
+                p.normal_(0, 1.0)
+            if "token_block.up" in name:
+                p.normal_(0, 0.1)
+    src = _tokens(len(task.source_dictionary))
+    with torch.no_grad():
+        batch = meo(src)[0]
+        alone = meo(src[2:3, :9])[0]
+        for name, p in meo.named_parameters():
+            if ".router." in name:
+                p.zero_()
+        unrouted = meo(src[2:3, :9])[0]
+    torch.testing.assert_close(batch[2, :9], alone[0], atol=1e-5, rtol=0)
+    assert (unrouted - alone).abs().max() > 1e-3  # the gates matter: pads in the mean would show
 
 
 def test_upcycle_released_layout_with_heads(dense_roberta, qnli, work):
