@@ -1,3 +1,4 @@
 """Registered criteria: ``moe_cross_entropy`` and ``moe_label_smoothed_cross_entropy``."""
 
 from . import moe_cross_entropy, moe_label_smoothed_cross_entropy  # noqa: F401
+from . import moe_masked_lm, moe_sentence_prediction  # noqa: F401

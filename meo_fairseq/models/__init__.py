@@ -1,3 +1,3 @@
-"""Registered models: ``meo_transformer`` (encoder-decoder) and ``meo_transformer_lm``."""
+"""Registered models: ``meo_transformer`` (encoder-decoder), ``meo_transformer_lm``, ``meo_roberta``."""
 
-from . import meo_transformer, meo_transformer_lm  # noqa: F401
+from . import meo_roberta, meo_transformer, meo_transformer_lm  # noqa: F401

@@ -103,9 +103,10 @@ def load_dense_checkpoint(path: str) -> dict:
 
 
 @torch.no_grad()
-def upcycle_from_checkpoint(model: torch.nn.Module, path: str) -> None:
+def upcycle_from_checkpoint(model: torch.nn.Module, path: str, upgrade=None) -> None:
     """Copy the dense checkpoint ``path`` into ``model`` (see the module docstring); nothing
     is read when fairseq-train will restore the model from a checkpoint of its own.
+    ``upgrade``: optional callable, dense state dict -> state dict in the model's key layout.
 
     Raises:
         FileNotFoundError / ValueError: naming --moe-upcycle-from and the file.
@@ -115,6 +116,8 @@ def upcycle_from_checkpoint(model: torch.nn.Module, path: str) -> None:
         logger.info("--moe-upcycle-from %s not read: fairseq-train restores the model from %s", path, restored)
         return
     dense = load_dense_checkpoint(path)
+    if upgrade is not None:
+        dense = upgrade(dense)
     ffn_prefixes = {name[: -len("fc1")]: m for name, m in model.named_modules() if isinstance(m, FairseqMoEFFN)}
     own = model.state_dict()
     copied, skipped = 0, []
