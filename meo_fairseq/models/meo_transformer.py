@@ -13,6 +13,7 @@ from fairseq.models.transformer.transformer_legacy import base_architecture
 from fairseq.utils import safe_getattr
 
 from .common import MoETransformerDecoder, MoETransformerEncoder
+from .init import MoEInitArgs, apply_init
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
 from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
@@ -23,6 +24,7 @@ class MEOTransformerModel(TransformerModel):
     def add_args(cls, parser):
         super().add_args(parser)
         gen_parser_from_dataclass(parser, MoEArgs())
+        gen_parser_from_dataclass(parser, MoEInitArgs())
         add_gate_noise_alias(parser)
 
     @classmethod
@@ -31,6 +33,7 @@ class MEOTransformerModel(TransformerModel):
         path = safe_getattr(args, "moe_upcycle_from", None)
         if path and not loading_trained_checkpoint():
             upcycle_from_checkpoint(model, path)
+        apply_init(model, args)
         return model
 
     @classmethod

@@ -19,6 +19,7 @@ from fairseq.models.transformer_lm import (
 from fairseq.utils import safe_getattr
 
 from .common import MoETransformerDecoder
+from .init import MoEInitArgs, apply_init
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
 from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class MEOTransformerLMConfig(TransformerLanguageModelConfig, MoEArgs):
+class MEOTransformerLMConfig(TransformerLanguageModelConfig, MoEArgs, MoEInitArgs):
     pass
 
 
@@ -56,6 +57,7 @@ class MEOTransformerLanguageModel(TransformerLanguageModel):
         path = safe_getattr(args, "moe_upcycle_from", None)
         if path and not loading_trained_checkpoint():
             upcycle_from_checkpoint(model, path)
+        apply_init(model, args)
         return model
 
 
