@@ -7,7 +7,8 @@ scratch and upcycled from a dense checkpoint, with ``fairseq-train`` and ``fairs
 ``examples/data/enwiki`` sample). For every seed the study
 
 1. trains the dense model for ``--pretrain-updates`` updates (the checkpoint to upcycle);
-2. ``scratch``: trains every variant from a random initialisation for ``--updates`` updates;
+2. ``scratch``: trains every variant from a random initialisation for ``--updates`` updates (the
+   dense one is the pretraining run when it has as many updates);
 3. ``upcycled``: initialises every variant from that dense checkpoint (``--moe-upcycle-from``;
    ``dense`` is the dense model continued the same way) and trains it ``--updates`` more updates
    with a fresh optimizer and ``--upcycle-lr``;
@@ -363,8 +364,16 @@ def plot(runs: Dict, path: Path) -> None:
     plt.close(fig)
 
 
+def job_dir(a, variants: Dict[str, str], out: Path, setting: str, name: str, seed: int) -> Path:
+    """The directory of a run; a scratch run that is the dense pretraining (same flags and updates) is
+    that run."""
+    if setting == "scratch" and a.updates == a.pretrain_updates and shlex.split(variants[name]) == shlex.split(VARIANTS["dense"]):
+        setting = "pretrain"
+    return out / setting / name / f"seed{seed}"
+
+
 def job_cmd(a, variants: Dict[str, str], out: Path, setting: str, name: str, seed: int) -> List[str]:
-    run_dir = out / setting / name / f"seed{seed}"
+    run_dir = job_dir(a, variants, out, setting, name, seed)
     if setting == "pretrain":
         return train_cmd(a, VARIANTS["dense"], run_dir, a.pretrain_updates, seed)
     up = out / "pretrain" / "dense" / f"seed{seed}" / "checkpoint_last.pt" if setting == "upcycled" else None
@@ -377,8 +386,12 @@ def collect(a, variants: Dict[str, str], names: List[str], settings: List[str], 
     runs: Dict[str, Dict[str, Dict[int, Dict]]] = {s: {} for s in settings}
     for setting in settings:
         for name in names:
-            for path in sorted((out / setting / name).glob("seed*/result.json")):
-                seed = int(path.parent.name[4:])
+            seeds = sorted({int(p.parent.name[4:]) for p in (out / setting / name).glob("seed*/result.json")}
+                           | {int(p.parent.name[4:]) for p in (out / "pretrain" / "dense").glob("seed*/result.json")})
+            for seed in seeds:
+                path = job_dir(a, variants, out, setting, name, seed) / "result.json"
+                if not path.exists():
+                    continue
                 res = json.loads(path.read_text())
                 if res["key"] == run_key(job_cmd(a, variants, out, setting, name, seed)):
                     runs[setting].setdefault(name, {})[seed] = res
@@ -458,7 +471,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     for i, (setting, name, seed) in enumerate(jobs):
         label = f"[{i + 1}/{len(jobs)}] {setting}/{name} seed {seed}"
-        run_dir = out / setting / name / f"seed{seed}"
+        run_dir = job_dir(a, variants, out, setting, name, seed)
         cmd = job_cmd(a, variants, out, setting, name, seed)
         run_one(a, name, cmd, run_dir, a.pretrain_updates if setting == "pretrain" else a.updates, label)
         if setting != "pretrain":

@@ -43,6 +43,11 @@ class MoEInitArgs(FairseqDataclass):
     )
 
 
+def _get(args, name, default):
+    value = safe_getattr(args, name, default)
+    return default if value is None else value
+
+
 def apply_init(model: torch.nn.Module, args) -> None:
     """Apply the ``--moe-router-init*`` and ``--moe-expert-init-scale`` options to ``model`` in place.
 
@@ -55,9 +60,9 @@ def apply_init(model: torch.nn.Module, args) -> None:
     """
     if loading_trained_checkpoint():
         return
-    router_init = str(safe_getattr(args, "moe_router_init", "zero") or "zero")
-    std = float(safe_getattr(args, "moe_router_init_std", 0.1) or 0.0)
-    scale = float(safe_getattr(args, "moe_expert_init_scale", 1.0) or 1.0)
+    router_init = str(_get(args, "moe_router_init", "zero"))
+    std = float(_get(args, "moe_router_init_std", 0.1))
+    scale = float(_get(args, "moe_expert_init_scale", 1.0))
     if router_init not in ROUTER_INITS:
         raise ValueError(f"--moe-router-init: unknown value {router_init!r}; choose one of {', '.join(ROUTER_INITS)}")
     if std < 0:
