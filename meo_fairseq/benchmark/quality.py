@@ -49,7 +49,6 @@ share one ``--out`` (a lock per run). A run whose options changed is refused: us
 
 import argparse
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -187,7 +186,7 @@ def parse_eval_log(text: str) -> Dict[str, float]:
 # ---- running -----------------------------------------------------------------------------------
 
 
-def _stream(cmd: List[str], log_path: Path, threads: int, on_line=None, verbose: bool = False) -> str:
+def _stream(cmd: List[str], log_path: Path, threads: int, on_line=None, echo=None) -> str:
     """Run cmd, appending its output to log_path; returns this call's output."""
     lines = []
     with open(log_path, "a", encoding="utf-8") as f:
@@ -198,7 +197,7 @@ def _stream(cmd: List[str], log_path: Path, threads: int, on_line=None, verbose:
                 f.write(line)
                 f.flush()
                 lines.append(line)
-                if verbose:
+                if echo is not None and echo(line):
                     sys.stdout.write(line)
                 if on_line:
                     on_line(line)
@@ -210,6 +209,18 @@ def _stream(cmd: List[str], log_path: Path, threads: int, on_line=None, verbose:
     if rc != 0:
         raise StudyError(f"command failed (exit {rc}), log in {log_path}:\n{shlex.join(cmd)}\n{text[-3000:]}")
     return text
+
+
+_PROGRESS = re.compile(r"\| (train_inner|valid) \|")
+
+
+def _echo(a):
+    """Which fairseq output lines to show: all (--verbose), the progress lines (--progress) or none."""
+    if a.verbose:
+        return lambda line: True
+    if a.progress:
+        return lambda line: _PROGRESS.search(line) is not None
+    return None
 
 
 def run_one(a, name: str, cmd: List[str], run_dir: Path, updates: int, label: str) -> Dict:
@@ -241,7 +252,7 @@ def run_one(a, name: str, cmd: List[str], run_dir: Path, updates: int, label: st
                 log(f"{label}: update {int(m.group(2))}/{updates}, valid ppl {2 ** float(m.group(1)):.1f} "
                     f"({time.time() - t0:.0f} s)")
 
-        _stream(cmd, run_dir / "train.log", a.threads, progress, a.verbose)
+        _stream(cmd, run_dir / "train.log", a.threads, progress, _echo(a))
         res = parse_train_log((run_dir / "train.log").read_text(encoding="utf-8"))
         if not res["curve"] or res["curve"][-1][0] != updates:
             raise StudyError(f"{label}: no validation at update {updates} in {run_dir / 'train.log'}")
@@ -431,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--eval-subset", default="test", help="fairseq-eval-lm subset ('' to skip)")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per fairseq process")
-    p.add_argument("--verbose", action="store_true", help="echo fairseq's output")
+    p.add_argument("--verbose", action="store_true", help="show fairseq's output")
+    p.add_argument("--progress", action="store_true", help="show fairseq's progress lines (train_inner, valid)")
     return p
 
 
@@ -464,9 +476,9 @@ def main(argv=None) -> int:
 
     jobs = []  # (setting, variant, seed) in order: a whole seed at a time, so that partial results are tables
     for seed in seeds:
-        if "upcycled" in settings:
-            jobs.append(("pretrain", "dense", seed))
         for setting in settings:
+            if setting == "upcycled":
+                jobs.append(("pretrain", "dense", seed))
             jobs += [(setting, v, seed) for v in names]
     t_start = time.time()
     for i, (setting, name, seed) in enumerate(jobs):
