@@ -40,7 +40,7 @@ Figures (mean ± sample std over seeds):
 
 Outputs in ``--out``: one directory per run (``<setting>/<variant>/seed<S>``, with the fairseq log
 ``train.log``, the checkpoints and ``result.json``), ``results.json`` (every run and the summary,
-rewritten after each run) and ``curves.png`` (the validation curves by updates and by training
+rewritten after each run), ``results.md`` (the table in Markdown) and ``curves.png`` (the validation curves by updates and by training
 time). The study is resumable: a finished run (same command) is not run again, an interrupted
 one continues from its last checkpoint (saved at every validation), and several invocations may
 share one ``--out`` (a lock per run). A run whose options changed is refused: use another
@@ -338,6 +338,19 @@ def table(summary: Dict, updates: int, eval_subset: str) -> str:
     return "\n".join(lines)
 
 
+def markdown(summary: Dict, updates: int, eval_subset: str) -> str:
+    """The table of :func:`table` in Markdown."""
+    lines = [f"| setting | variant | params | seeds | valid ppl @{updates} updates | valid ppl @equal time | "
+             f"{eval_subset} ppl (eval-lm) | ms/update |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for setting, by_variant in summary.items():
+        for name, s in by_variant.items():
+            ms = (s["sec_per_update"][0] * 1000, s["sec_per_update"][1] * 1000)
+            params = f"{s['params']:,}" if s["params"] else "-"
+            lines.append(f"| {setting} | {name} | {params} | {len(s['seeds'])} | {_fmt(s['valid_ppl'])} | "
+                         f"{_fmt(s['valid_ppl_equal_time'])} | {_fmt(s['eval_ppl'])} | {_fmt(ms, 0)} |")
+    return "\n".join(lines)
+
+
 def plot(runs: Dict, path: Path) -> None:
     """Validation perplexity (mean over seeds, band = min..max) by updates and by training time."""
     import logging
@@ -442,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--eval-subset", default="test", help="fairseq-eval-lm subset ('' to skip)")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per fairseq process")
+    p.add_argument("--report", action="store_true", help="run nothing: the table of the finished runs in --out")
     p.add_argument("--verbose", action="store_true", help="show fairseq's output")
     p.add_argument("--progress", action="store_true", help="show fairseq's progress lines (train_inner, valid)")
     return p
@@ -481,7 +495,7 @@ def main(argv=None) -> int:
                 jobs.append(("pretrain", "dense", seed))
             jobs += [(setting, v, seed) for v in names]
     t_start = time.time()
-    for i, (setting, name, seed) in enumerate(jobs):
+    for i, (setting, name, seed) in enumerate([] if a.report else jobs):
         label = f"[{i + 1}/{len(jobs)}] {setting}/{name} seed {seed}"
         run_dir = job_dir(a, variants, out, setting, name, seed)
         cmd = job_cmd(a, variants, out, setting, name, seed)
@@ -493,6 +507,12 @@ def main(argv=None) -> int:
                  "summary": summarize(runs), "runs": runs}, indent=1))
             plot(runs, out / "curves.png")
     runs = collect(a, variants, names, settings, out)
+    if a.report:
+        (out / "results.json").write_text(json.dumps(
+            {"options": {k: str(v) for k, v in vars(a).items()}, "variants": {v: variants[v] for v in names},
+             "summary": summarize(runs), "runs": runs}, indent=1))
+        plot(runs, out / "curves.png")
+    (out / "results.md").write_text(markdown(summarize(runs), a.updates, a.eval_subset or "-") + "\n")
     log(f"done in {time.time() - t_start:.0f} s")
     print("\n" + table(summarize(runs), a.updates, a.eval_subset or "-"))
     print(f"\nnumbers: {out / 'results.json'}; curves: {out / 'curves.png'}")
