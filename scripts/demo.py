@@ -70,6 +70,7 @@ def routing_mass(checkpoint, data):
 
     from meo_fairseq.modules import Router
 
+    logging.getLogger().setLevel(logging.WARNING)
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides={"data": data})
     model = models[0].eval()
     task.load_dataset("test")
@@ -138,6 +139,7 @@ def main():
     args = p.parse_args()
     warnings.simplefilter("ignore")  # library warnings (torch, fairseq, hydra) are not the demo's output
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)  # (fairseq's imports may configure INFO)
     os.environ["PYTHONWARNINGS"] = "ignore"
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
