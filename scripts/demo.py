@@ -1,145 +1,91 @@
 #!/usr/bin/env python
-"""The demo: dense vs vanilla MoE vs MEO language models on a small bundled Wikipedia corpus.
+"""The demo: dense vs vanilla MoE vs MEO language models on a small bundled Wikipedia corpus, from
+scratch and upcycled from the dense model (the paper's setting).
 
-Prepares examples/data/enwiki with scripts/prepare_wikitext.sh (sentencepiece), trains three
-language models of the same size for the same number of updates with fairseq-train on the CPU,
-evaluates them, and prints one table (parameters, active parameters per token, validation and
-test perplexity, training words/s, generation sentences/s). Writes plots of the validation curves
-and of the routing mass per expert and layer to --out.
+Prepares examples/data/enwiki with scripts/prepare_wikitext.sh (sentencepiece), then, with
+fairseq-train on the CPU (one seed of ``python -m meo_fairseq.benchmark quality``):
+
+1. trains the dense language model for --updates updates;
+2. scratch: trains a vanilla top-k MoE and an MEO model of the same size from scratch for as many;
+3. upcycled: continues the dense model for --updates more updates as dense, and upcycled into the
+   MoE and the MEO model (--moe-upcycle-from; a fresh optimizer for all three);
+
+evaluates every model with fairseq-eval-lm on the test set and prints two tables (parameters, active
+parameters per token, validation and test perplexity, training time). Writes the validation
+curves and the routing mass per expert and layer to --out.
 
     python scripts/demo.py [--out runs/demo] [--updates 600]
 """
 
 import argparse
 import json
+import logging
 import os
-import re
 import subprocess
 import sys
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USER_DIR = os.path.join(ROOT, "meo_fairseq")
+sys.path.insert(0, ROOT)
 
-MODELS = {
-    "dense": ["--moe-mode", "dense"],
-    "moe": ["--moe-mode", "moe", "--moe-level", "token"],
-    "meo": ["--moe-mode", "meo", "--moe-level", "sequence", "--moe-decoder-routing", "segment"],
-}
+from meo_fairseq.benchmark import quality as Q  # noqa: E402
+
+# The models of the demo (quality-study variants) and the options of their expert layers, from the
+# study (docs/quality.md): no gate noise, and a small random router, so that upcycled copies diverge.
+MODELS = ("dense", "moe", "meo")
+EXPERT_ARGS = "--no-moe-gate-noise --moe-router-init normal --moe-router-init-std 0.1"
 
 
 def log(msg):
     print(f"[demo] {msg}", flush=True)
 
 
-def run(cmd, logfile=None):
-    log(" ".join(cmd))
-    out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if logfile:
-        with open(logfile, "w") as f:
-            f.write(out.stdout)
-    if out.returncode != 0:
-        sys.stdout.write(out.stdout[-4000:])
-        raise SystemExit(f"[demo] command failed ({out.returncode}): {' '.join(cmd)}")
-    return out.stdout
+def active_params(checkpoint, total):
+    """Parameters one token uses: the total less the experts a token does not run (vanilla MoE runs
+    top-k experts per linear, MEO one merged expert)."""
+    import torch
+
+    import meo_fairseq  # noqa: F401  (allow-lists argparse.Namespace for weights_only loading)
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    args = state["cfg"]["model"] if state.get("cfg") else state["args"]
+    mode = str(getattr(args, "moe_mode", None) or args.get("moe_mode"))
+    k = int(getattr(args, "moe_top_k", None) or args.get("moe_top_k"))
+    used = {"moe": k, "meo": 1}.get(mode)
+    if used is None:
+        return total
+    unused = 0
+    for key, w in state["model"].items():
+        if key.endswith("experts.weight") and w.dim() == 3 and w.size(0) > 1:
+            per = w[0].numel() + (w.size(1) if key[: -len("weight")] + "bias" in state["model"] else 0)
+            unused += (w.size(0) - used) * per
+    return total - unused
 
 
-def train(name, args, data, out):
-    save = os.path.join(out, name)
-    cmd = [
-        sys.executable, "-m", "fairseq_cli.train", data, "--user-dir", USER_DIR,
-        "--task", "language_modeling", "--arch", "meo_transformer_lm_tiny",
-        "--decoder-layers", "2", "--moe-experts", str(args.experts), "--moe-top-k", str(args.top_k),
-        "--moe-segment-length", "32", "--criterion", "moe_cross_entropy",
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt",
-        "--warmup-updates", "50", "--dropout", "0.1", "--share-decoder-input-output-embed",
-        "--tokens-per-sample", "128", "--sample-break-mode", "none", "--max-tokens", "2048",
-        "--max-update", str(args.updates), "--validate-interval-updates", str(max(args.updates // 6, 1)),
-        "--save-interval-updates", str(args.updates), "--no-epoch-checkpoints", "--save-dir", save,
-        "--cpu", "--seed", "1", "--log-format", "simple", "--log-interval", "25", "--num-workers", "0",
-    ] + MODELS[name]
-    t0 = time.time()
-    text = run(cmd, os.path.join(out, f"train_{name}.log"))
-    wall = time.time() - t0
-    curve = [
-        (int(m.group(2)), float(m.group(1)))
-        for m in re.finditer(r"valid on 'valid' subset \| loss ([\d.]+) .*?\| num_updates (\d+)", text)
-    ]
-    wps = [float(x) for x in re.findall(r"train_inner \|.*?wps=([\d.]+)", text)]
-    return {
-        "checkpoint": os.path.join(save, "checkpoint_last.pt"),
-        "curve": curve,
-        "train_wps": sum(wps[1:]) / max(len(wps) - 1, 1) if len(wps) > 1 else (wps[0] if wps else float("nan")),
-        "train_wall_s": wall,
-    }
-
-
-def evaluate(info, data, args):
+def routing_mass(checkpoint, data):
+    """Mean routing mass per expert of every router over the test set (in-process forward)."""
     import torch
     from fairseq import checkpoint_utils
 
-    import meo_fairseq  # noqa: F401
-    from meo_fairseq.modules import ExpertLinear, Router
+    from meo_fairseq.modules import Router
 
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([info["checkpoint"]], arg_overrides={"data": data})
+    logging.getLogger().setLevel(logging.WARNING)
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides={"data": data})
     model = models[0].eval()
-    # parameters, and the parameters one token uses
-    total = sum(p.numel() for p in model.parameters())
-    active = total
-    for m in model.modules():
-        if isinstance(m, ExpertLinear) and m.cfg.mode != "dense":
-            n = m.experts.num_experts
-            per = m.experts.weight[0].numel() + (m.experts.bias[0].numel() if m.experts.bias is not None else 0)
-            used = m.cfg.full_experts if m.cfg.mode == "moe" else 1
-            active -= (n - used) * per
-    # test perplexity and routing mass (fairseq-eval-lm's computation, in process)
     task.load_dataset("test")
     itr = task.get_batch_iterator(task.dataset("test"), max_tokens=4096, max_positions=128).next_epoch_itr(shuffle=False)
-    nll, ntok = 0.0, 0
     mass = {}
     with torch.no_grad():
         for sample in itr:
-            if not sample:
-                continue
-            out = model(**sample["net_input"])
-            lprobs = model.get_normalized_probs(out, log_probs=True)
-            tgt = sample["target"]
-            lp = lprobs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-            keep = tgt.ne(task.target_dictionary.pad())
-            nll -= float(lp[keep].sum())
-            ntok += int(keep.sum())
+            model(**sample["net_input"])
             for name, r in model.named_modules():
                 if isinstance(r, Router) and r.stats:
                     mass.setdefault(name, []).append(r.stats["fraction"].clone())
-    info["test_ppl"] = float(torch.exp(torch.tensor(nll / ntok)))
-    info["params"] = total
-    info["active_params"] = active
-    info["routing"] = {k: torch.stack(v).mean(0).tolist() for k, v in mass.items()}
-    # generation: continue prompts of 8 tokens by 24 tokens, greedy, batch of 16
-    gen = task.build_generator(models, argparse.Namespace(beam=1, max_len_b=24, min_len=24, sampling=False))
-    prompts = []
-    for sample in task.get_batch_iterator(task.dataset("test"), max_tokens=4096, max_positions=128).next_epoch_itr(shuffle=False):
-        prompts.append(sample["net_input"]["src_tokens"][:, :8])
-        if sum(p.size(0) for p in prompts) >= args.gen_sentences:
-            break
-    prompts = torch.cat(prompts)[: args.gen_sentences]
-    def step(batch):
-        sample = {"net_input": {"src_tokens": batch, "src_lengths": torch.full((batch.size(0),), 8)}}
-        task.inference_step(gen, models, sample, prefix_tokens=batch)
-
-    with torch.no_grad():
-        step(prompts[:16])  # warm-up
-    t0 = time.time()
-    with torch.no_grad():
-        for i in range(0, prompts.size(0), 16):
-            step(prompts[i : i + 16])
-    info["gen_sent_per_s"] = prompts.size(0) / (time.time() - t0)
-    return info
+    return {k: torch.stack(v).mean(0).tolist() for k, v in mass.items()}
 
 
-def plots(results, out):
-    import logging
-
+def heatmap(routing, path):
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib
 
@@ -147,64 +93,100 @@ def plots(results, out):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
-        if r["curve"]:
-            xs, ys = zip(*r["curve"])
-            ax.plot(xs, [2 ** y for y in ys], marker="o", label=name)
-    ax.set_xlabel("updates")
-    ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("Validation curves (bundled enwiki sample)")
+    if not routing:
+        return
+    fig, axes = plt.subplots(1, len(routing), figsize=(5 * len(routing), 3.5), squeeze=False)
+    for ax, (name, r) in zip(axes[0], routing.items()):
+        labels = [k.replace("decoder.layers.", "L").replace(".fc1.", " ").replace(".router", "") for k in r]
+        im = ax.imshow(np.array(list(r.values())), aspect="auto", cmap="viridis", vmin=0)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_xlabel("expert")
+        ax.set_title(f"{name}: routing mass per expert")
+        fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "validation_curves.png"), dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
-    routed = {k: r for k, r in results.items() if r["routing"]}
-    if routed:
-        fig, axes = plt.subplots(1, len(routed), figsize=(5 * len(routed), 3.5), squeeze=False)
-        for ax, (name, r) in zip(axes[0], routed.items()):
-            labels = [k.replace("decoder.layers.", "L").replace(".fc1.", " ").replace(".router", "") for k in r["routing"]]
-            mat = np.array(list(r["routing"].values()))
-            im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0)
-            ax.set_yticks(range(len(labels)))
-            ax.set_yticklabels(labels, fontsize=7)
-            ax.set_xlabel("expert")
-            ax.set_title(f"{name}: routing mass per expert")
-            fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "routing_heatmap.png"), dpi=120)
-        plt.close(fig)
+
+def print_table(title, rows):
+    head = f"{'model':<6} {'params':>9} {'active/token':>12} {'valid ppl':>9} {'test ppl':>9} {'train time':>10} {'ms/update':>9}"
+    print(f"\n{title}\n{head}\n{'-' * len(head)}")
+    for name, r in rows.items():
+        print(f"{name:<6} {r['params']:>9,} {r['active']:>12,} {r['valid_ppl']:>9.1f} {r['test_ppl']:>9.1f} "
+              f"{r['train_s']:>9.0f}s {r['ms_per_update']:>9.0f}")
+
+
+def verdict(title, rows):
+    dense = rows["dense"]["valid_ppl"]
+    for name in ("moe", "meo"):
+        ppl = rows[name]["valid_ppl"]
+        word = "below" if ppl < dense else "ABOVE"
+        print(f"  {title}: {name} validation perplexity {ppl:.1f} is {word} dense's {dense:.1f} "
+              f"({100 * (ppl / dense - 1):+.1f}%)")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
-    p.add_argument("--updates", type=int, default=600)
+    p.add_argument("--updates", type=int, default=600, help="updates of every run (a multiple of 50)")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=2000)
-    p.add_argument("--gen-sentences", type=int, default=64)
+    p.add_argument("--expert-args", default=EXPERT_ARGS, help="fairseq-train options of the MoE and MEO models")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--gen-sentences", type=int, default=64, help=argparse.SUPPRESS)  # (no longer used)
     args = p.parse_args()
+    warnings.simplefilter("ignore")  # library warnings (torch, fairseq, hydra) are not the demo's output
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)  # (fairseq's imports may configure INFO)
+    os.environ["PYTHONWARNINGS"] = "ignore"
+    t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
     data = os.path.join(args.out, "data-bin")
-    run(["bash", "scripts/prepare_wikitext.sh", "--raw", "examples/data/enwiki", "--format", "raw",
-         "--out", data, "--vocab-size", str(args.vocab_size), "--workers", "2"])
-    results = {}
-    for name in MODELS:
-        log(f"training {name} ({args.updates} updates)")
-        results[name] = evaluate(train(name, args, data, args.out), data, args)
-    plots(results, args.out)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    head = f"{'model':<6} {'params':>9} {'active/token':>12} {'valid ppl':>9} {'test ppl':>9} {'train wps':>9} {'gen sent/s':>10}"
-    print("\n" + head + "\n" + "-" * len(head))
-    for name, r in results.items():
-        vppl = 2 ** r["curve"][-1][1] if r["curve"] else float("nan")
-        print(f"{name:<6} {r['params']:>9,} {r['active_params']:>12,} {vppl:>9.1f} {r['test_ppl']:>9.1f} "
-              f"{r['train_wps']:>9.0f} {r['gen_sent_per_s']:>10.1f}")
-    print(f"\nplots: {args.out}/validation_curves.png, {args.out}/routing_heatmap.png; numbers: {args.out}/results.json")
+    log("preparing the bundled Wikipedia sample (sentencepiece, fairseq-preprocess)")
+    prep = subprocess.run(
+        ["bash", "scripts/prepare_wikitext.sh", "--raw", "examples/data/enwiki", "--format", "raw", "--out", data,
+         "--vocab-size", str(args.vocab_size), "--workers", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    if prep.returncode != 0:
+        sys.stdout.write(prep.stdout[-4000:])
+        raise SystemExit(f"[demo] scripts/prepare_wikitext.sh failed ({prep.returncode})")
+    valid_every = 50 if args.updates % 50 == 0 else args.updates
+    study = [
+        "--data", data, "--out", args.out, "--seed-list", str(args.seed), "--variants", ",".join(MODELS),
+        "--updates", str(args.updates), "--pretrain-updates", str(args.updates), "--valid-every", str(valid_every),
+        "--log-interval", str(min(25, valid_every) if valid_every % 25 == 0 else valid_every),
+        "--experts", str(args.experts), "--top-k", str(args.top_k), f"--expert-args={args.expert_args}", "--progress",
+    ]
+    log(f"training: dense {args.updates} updates; MoE and MEO from scratch; then dense continued and "
+        f"upcycled into MoE and MEO, {args.updates} updates each (expert options: {args.expert_args})")
+    Q.main(study)
+    res = json.load(open(os.path.join(args.out, "results.json")))
+    tables, routing = {}, {}
+    for setting, title in (("scratch", f"From scratch, {args.updates} updates"),
+                           ("upcycled", f"Upcycled from the dense model, +{args.updates} updates")):
+        rows = {}
+        for name in MODELS:
+            r = res["runs"][setting][name][str(args.seed)]
+            rows[name] = {
+                "params": r["params"], "active": active_params(r["checkpoint"], r["params"]),
+                "valid_ppl": 2 ** r["curve"][-1][1], "test_ppl": r["eval_ppl"],
+                "train_s": r["curve"][-1][0] * r["sec_per_update"], "ms_per_update": 1000 * r["sec_per_update"],
+            }
+            if setting == "upcycled" and name != "dense":
+                routing[name] = routing_mass(r["checkpoint"], data)
+        tables[setting] = (title, rows)
+    heatmap(routing, os.path.join(args.out, "routing_heatmap.png"))
+    for title, rows in tables.values():
+        print_table(title, rows)
+    print()
+    for title, rows in tables.values():
+        verdict(title.split(",")[0], rows)
+    print(f"\n(training time: updates x the run's median time per update; one seed, see docs/quality.md for the "
+          f"study over 3 seeds)\nplots: {args.out}/curves.png, {args.out}/routing_heatmap.png; numbers: "
+          f"{args.out}/results.json\ntotal {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from .common import (
     ResumeArgs,
     attach_metadata,
 )
+from .init import MoEInitArgs, apply_init
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
 from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
@@ -30,6 +31,7 @@ class MEOTransformerModel(MetadataCheckMixin, TransformerModel):
         super().add_args(parser)
         gen_parser_from_dataclass(parser, MoEArgs())
         gen_parser_from_dataclass(parser, ResumeArgs())
+        gen_parser_from_dataclass(parser, MoEInitArgs())
         add_gate_noise_alias(parser)
 
     @classmethod
@@ -38,6 +40,7 @@ class MEOTransformerModel(MetadataCheckMixin, TransformerModel):
         path = safe_getattr(args, "moe_upcycle_from", None)
         if path and not loading_trained_checkpoint():
             upcycle_from_checkpoint(model, path)
+        apply_init(model, args)
         attach_metadata(model, args, task, defaults={"moe_decoder_routing": "encoder"})
         return model
 

@@ -24,6 +24,7 @@ from .common import (
     ResumeArgs,
     attach_metadata,
 )
+from .init import MoEInitArgs, apply_init
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
 from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class MEOTransformerLMConfig(TransformerLanguageModelConfig, MoEArgs, ResumeArgs):
+class MEOTransformerLMConfig(TransformerLanguageModelConfig, MoEArgs, MoEInitArgs, ResumeArgs):
     pass
 
 
@@ -61,6 +62,7 @@ class MEOTransformerLanguageModel(MetadataCheckMixin, TransformerLanguageModel):
         path = safe_getattr(args, "moe_upcycle_from", None)
         if path and not loading_trained_checkpoint():
             upcycle_from_checkpoint(model, path)
+        apply_init(model, args)
         attach_metadata(model, args, task, defaults={"moe_decoder_routing": "segment"})
         return model
 

@@ -1,0 +1,87 @@
+"""Initialisation options of the expert layers (``--moe-router-init``, ``--moe-expert-init-scale``).
+
+Applied by parameter name after a model is built (and after ``--moe-upcycle-from`` has copied the
+dense weights), so that they work for every model of the plugin:
+
+* ``--moe-router-init zero`` (default, the authors' code): ``...router.w_gate`` and
+  ``...router.w_noise`` are zero, so every expert starts with the same logit.
+* ``--moe-router-init normal``: ``w_gate`` ~ N(0, std^2) with ``--moe-router-init-std`` (as sparse
+  upcycling initialises its router); ``w_noise`` stays zero. An upcycled layer still computes the
+  dense function at the start (its experts are copies and the gates sum to 1), but tokens are
+  routed to different experts from the first update, so the copies can diverge even without gate
+  noise.
+* ``--moe-expert-init-scale s``: multiply the randomly initialised ``...experts.weight`` of every
+  expert layer with more than one expert by ``s`` (models trained from scratch only; an upcycled
+  model keeps the dense weights). The gate-weighted sum of k independent random experts has about
+  1/sqrt(k) of one expert's scale; ``s = sqrt(k)`` compensates.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.utils import safe_getattr
+
+from .upcycle import loading_trained_checkpoint
+
+logger = logging.getLogger(__name__)
+
+ROUTER_INITS = ("zero", "normal")
+
+
+@dataclass
+class MoEInitArgs(FairseqDataclass):
+    moe_router_init: ChoiceEnum(ROUTER_INITS) = field(
+        default="zero",
+        metadata={"help": "router weights at the start: zero (the authors' code) or normal (N(0, std^2), as sparse upcycling)"},
+    )
+    moe_router_init_std: float = field(default=0.1, metadata={"help": "std of --moe-router-init normal"})
+    moe_expert_init_scale: float = field(
+        default=1.0,
+        metadata={"help": "multiply the random expert weights by this factor (from scratch only; not with --moe-upcycle-from)"},
+    )
+
+
+def _get(args, name, default):
+    value = safe_getattr(args, name, default)
+    return default if value is None else value
+
+
+def apply_init(model: torch.nn.Module, args) -> None:
+    """Apply the ``--moe-router-init*`` and ``--moe-expert-init-scale`` options to ``model`` in place.
+
+    Args:
+        model: a built model of the plugin (after any upcycling).
+        args: the model's arguments (a Namespace or a config with the fields of :class:`MoEInitArgs`).
+
+    Does nothing while fairseq builds a model to load a trained checkpoint into.
+    Raises ValueError naming the flag for a bad value.
+    """
+    if loading_trained_checkpoint():
+        return
+    router_init = str(_get(args, "moe_router_init", "zero"))
+    std = float(_get(args, "moe_router_init_std", 0.1))
+    scale = float(_get(args, "moe_expert_init_scale", 1.0))
+    if router_init not in ROUTER_INITS:
+        raise ValueError(f"--moe-router-init: unknown value {router_init!r}; choose one of {', '.join(ROUTER_INITS)}")
+    if std < 0:
+        raise ValueError(f"--moe-router-init-std: must be >= 0, got {std}")
+    if scale <= 0:
+        raise ValueError(f"--moe-expert-init-scale: must be > 0, got {scale}")
+    upcycled = bool(safe_getattr(args, "moe_upcycle_from", None))
+    if scale != 1.0 and upcycled:
+        raise ValueError("--moe-expert-init-scale applies to models trained from scratch, not with --moe-upcycle-from")
+    n_router = n_expert = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if router_init == "normal" and name.endswith("router.w_gate"):
+                p.normal_(0.0, std)
+                n_router += 1
+            elif scale != 1.0 and name.endswith("experts.weight") and p.dim() == 3 and p.size(0) > 1:
+                p.mul_(scale)
+                n_expert += 1
+    if router_init == "normal":
+        logger.info("--moe-router-init normal: %d routers ~ N(0, %g^2)", n_router, std)
+    if scale != 1.0:
+        logger.info("--moe-expert-init-scale %g: scaled %d expert weights", scale, n_expert)
