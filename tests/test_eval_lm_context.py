@@ -7,7 +7,6 @@ the training value evaluates every token.
 """
 
 import pytest
-
 from cli_utils import LM_COMMON, SGD_LR0, USER_DIR, eval_lm, run, run_many
 
 TPS = 64  # LM_COMMON's --tokens-per-sample

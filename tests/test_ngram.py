@@ -12,8 +12,8 @@ import random
 
 import pytest
 import torch
-
 from cli_utils import SGD_LR0, USER_DIR, hypotheses, preprocess_seq2seq, run, write_seq2seq_text
+
 from meo_fairseq.ngram import block_repeated_ngrams
 
 
@@ -47,8 +47,9 @@ def test_block_repeated_ngrams_matches_reference(n):
 
 
 def test_fairseq_ngram_block_is_fixed_by_import():
-    import meo_fairseq  # noqa: F401
     from fairseq.ngram_repeat_block import NGramRepeatBlock
+
+    import meo_fairseq  # noqa: F401
 
     blocker = NGramRepeatBlock(3, use_extension=False)
     bsz, beam, step = 1, 2, 5
@@ -103,3 +104,11 @@ def test_blocking_with_random_buffers_of_beam_search_shape():
     block_repeated_ngrams(tokens, lprobs, 15, n)
     for r, s in enumerate(seqs):
         assert {v for v in range(vocab) if lprobs[r, v] == -math.inf} == reference_banned(s, n)
+
+
+def test_ngram_benchmark_runs(capsys):
+    from meo_fairseq.benchmark.ngram import main
+
+    main(["--batch-size", "2", "--beam", "2", "--max-len", "8", "--vocab", "50"])
+    out = capsys.readouterr().out
+    assert "block_repeated_ngrams" in out and "fairseq's Python fallback" in out

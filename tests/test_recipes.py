@@ -334,7 +334,9 @@ def test_torchrun_with_one_gpu(tmp_path):
     for name in ("dict.txt", "train.idx", "train.bin", "valid.idx"):
         (data / name).touch()
     base = ["--data", data, "--save-dir", tmp_path / "ck", "--dry-run"]
-    argv = printed_command(ok(run_script("train_wikitext.sh", *base, MEO_NUM_GPUS="1", MEO_LAUNCHER="torchrun")))
-    assert argv[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m"]
+    proc = run_script("train_wikitext.sh", *base, MEO_NUM_GPUS="1", MEO_LAUNCHER="torchrun")
+    argv = printed_command(ok(proc))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m"]
+    assert argv[:7] == torchrun
     # fairseq reads torchrun's WORLD_SIZE only when --distributed-world-size > 1
     assert int(argv[argv.index("--distributed-world-size") + 1]) > 1

@@ -9,7 +9,6 @@ import logging
 from dataclasses import dataclass
 
 from fairseq.models import register_model, register_model_architecture
-from fairseq.tasks.language_modeling import LanguageModelingTask
 from fairseq.models.transformer_lm import (
     DEFAULT_MAX_TARGET_POSITIONS,
     TransformerLanguageModel,
@@ -17,6 +16,7 @@ from fairseq.models.transformer_lm import (
     transformer_lm_gpt2_medium,
     transformer_lm_gpt2_small,
 )
+from fairseq.tasks.language_modeling import LanguageModelingTask
 from fairseq.utils import safe_getattr
 
 from .common import MoETransformerDecoder
