@@ -26,9 +26,11 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
+from cli_utils import WORKERS
 from test_recipes import parse_train_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,8 +174,8 @@ def dry_run(body, cwd):
     return printed
 
 
-@pytest.mark.parametrize("doc", DOCS)
-def test_doc_commands(doc, scratch):
+def run_doc(doc, scratch):
+    """Runs (or dry-runs) the blocks of one file, smoke tests first; returns how many ran."""
     import shlex
 
     todo = command_blocks(doc)
@@ -193,6 +195,24 @@ def test_doc_commands(doc, scratch):
         else:
             continue
         ran += 1
+    return ran
+
+
+@pytest.fixture(scope="module")
+def doc_runs(scratch):
+    """doc -> (blocks run, exception or None); the files run side by side (they write apart)."""
+    order = sorted(DOCS, key=lambda d: -len(command_blocks(d)))  # the longest first
+    with ThreadPoolExecutor(max_workers=WORKERS) as ex:
+        futures = {doc: ex.submit(run_doc, doc, scratch) for doc in order}
+        wait(futures.values())
+    return {doc: (f.result() if f.exception() is None else 0, f.exception()) for doc, f in futures.items()}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_doc_commands(doc, scratch, doc_runs):
+    ran, error = doc_runs[doc]
+    if error is not None:
+        raise error
     assert ran > 0
     check_outputs(doc, scratch)
 
