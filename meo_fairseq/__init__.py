@@ -4,7 +4,8 @@ Pass this folder to fairseq with ``--user-dir``. Importing it:
 - allow-lists ``argparse.Namespace`` for ``torch.load(weights_only=True)`` (checkpoints of
   legacy-registered fairseq models store their args as a Namespace);
 - registers the plugin's models and criteria with fairseq (fairseq itself auto-imports a user
-  dir's ``models/`` and ``tasks/`` but not ``criterions/``).
+  dir's ``models/`` and ``tasks/`` but not ``criterions/``);
+- makes fairseq's ``--no-repeat-ngram-size`` block repeated n-grams (``meo_fairseq.ngram``).
 The layer library (``meo_fairseq.modules``) needs only torch.
 """
 
@@ -23,3 +24,6 @@ except ImportError:  # the layer library works without fairseq
 
 if fairseq is not None:
     from . import criterions, models  # noqa: F401,E402
+    from .ngram import install as _install_ngram_blocking  # noqa: E402
+
+    _install_ngram_blocking()

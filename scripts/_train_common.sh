@@ -119,14 +119,13 @@ device_args() {
   case "${MEO_LAUNCHER:-fairseq}" in
     fairseq) ;;
     torchrun)
-      if (( NGPU > 1 )) || [[ -n "${MEO_TORCHRUN_ARGS:-}" ]]; then
-        local targs
-        read -r -a targs <<< "${MEO_TORCHRUN_ARGS:---standalone --nproc_per_node $NGPU}"
-        LAUNCH=("$PY" -m torch.distributed.run "${targs[@]}")
-        # fairseq reads torchrun's environment only when --distributed-world-size > 1, and then
-        # replaces the value by WORLD_SIZE: any value > 1 is right, across nodes too
-        (( world > 1 )) || world=2
-      fi
+      # asked for, torchrun launches even one GPU (one process in a process group of one)
+      local targs
+      read -r -a targs <<< "${MEO_TORCHRUN_ARGS:---standalone --nproc_per_node $NGPU}"
+      LAUNCH=("$PY" -m torch.distributed.run "${targs[@]}")
+      # fairseq reads torchrun's environment only when --distributed-world-size > 1, and then
+      # replaces the value by WORLD_SIZE: any value > 1 is right, across nodes too
+      (( world > 1 )) || world=2
       ;;
     *) die "MEO_LAUNCHER must be fairseq or torchrun, got '${MEO_LAUNCHER}'" ;;
   esac

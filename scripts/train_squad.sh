@@ -44,6 +44,7 @@ recipe_args() {
     --optimizer adam --adam-betas "(0.9, 0.98)" --clip-norm 0.0
     --lr 5e-4 --lr-scheduler inverse_sqrt --warmup-updates 4000 --warmup-init-lr 1e-07
     --max-tokens 4096 --max-update 30000
+    --required-batch-size-multiple 1
     --skip-invalid-size-inputs-valid-test --find-unused-parameters
     --moe-mode meo --moe-level sequence --moe-experts 8 --moe-top-k 2
     --no-epoch-checkpoints --log-format simple --log-interval 100 --log-file "$SAVE_DIR/train.log"

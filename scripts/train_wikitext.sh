@@ -52,6 +52,7 @@ recipe_args() {
     --optimizer adam --adam-betas "(0.9, 0.98)" --weight-decay 0.01 --clip-norm 0.0
     --lr 0.0005 --lr-scheduler inverse_sqrt --warmup-updates 4000 --warmup-init-lr 1e-07
     --max-tokens 2048 --update-freq 16 --max-update 50000
+    --required-batch-size-multiple 1
     --find-unused-parameters
     --moe-mode meo --moe-level sequence --moe-experts 8 --moe-top-k 2
     --no-epoch-checkpoints --log-format simple --log-interval 100 --log-file "$SAVE_DIR/train.log"

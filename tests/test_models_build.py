@@ -2,6 +2,7 @@
 
 import logging
 
+import pytest
 import torch
 from fairseq import checkpoint_utils
 
@@ -48,3 +49,24 @@ def test_warning_when_segments_are_longer_than_samples(caplog):
     with caplog.at_level(logging.WARNING):
         build("meo_transformer_lm_tiny", "language_modeling", ["--moe-segment-length", "16", "--tokens-per-sample", "32"])
     assert "never route" not in caplog.text
+
+
+def test_upcycle_vocabulary_mismatch_names_the_dictionary(tmp_path):
+    dense, d = build("meo_transformer_tiny", "translation", ["--moe-mode", "dense", "--share-all-embeddings"])
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    for k in list(state):
+        if k.endswith("embed_tokens.weight") or k.endswith("output_projection.weight"):
+            state[k] = torch.cat([state[k], torch.randn(3, state[k].size(1))])  # 3 more words
+    _save_state(state, tmp_path / "dense.pt")
+    moe, _ = build("meo_transformer_tiny", "translation", ["--moe-experts", "4", "--moe-top-k", "2", "--share-all-embeddings"])
+    with pytest.raises(ValueError, match=r"the dictionaries differ \(\d+ entries in the checkpoint"):
+        upcycle_from_checkpoint(moe, str(tmp_path / "dense.pt"))
+
+
+def _save_state(state, path):
+    meta = {"criterion_name": "x", "optimizer_name": "x", "lr_scheduler_state": {}, "num_updates": 0}
+    checkpoint_utils.torch_persistent_save(
+        {"model": state, "args": None, "cfg": None, "optimizer_history": [meta], "extra_state": {},
+         "last_optimizer_state": None},
+        str(path),
+    )  # fmt: skip

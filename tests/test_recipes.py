@@ -301,3 +301,42 @@ def test_bad_arguments(tmp_path):
     fails(run_script("eval_wikitext.sh", "--data", wt, "--checkpoint", ckpt, "--out", tmp_path / "o", "--context-window", "x"),
           "--context-window must be an integer")  # fmt: skip
     assert not (tmp_path / "o").exists() and not (tmp_path / "ck").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Every validation / evaluation example is used; torchrun is used when asked for
+# ------------------------------------------------------------------------------------------------
+
+
+def test_recipes_validate_every_example(tmp_path):
+    """fairseq drops a final batch smaller than --required-batch-size-multiple (default 8): every
+    recipe passes 1, so that validation sees the whole split."""
+    for script, files in (
+        ("train_wikitext.sh", ("dict.txt", "train.idx", "train.bin", "valid.idx")),
+        ("train_squad.sh", ("dict.src.txt", "dict.tgt.txt", "train.src-tgt.src.idx", "train.src-tgt.tgt.idx",
+                            "valid.src-tgt.src.idx")),
+        ("train_xsum.sh", ("dict.src.txt", "dict.tgt.txt", "train.src-tgt.src.idx", "train.src-tgt.tgt.idx",
+                           "valid.src-tgt.src.idx")),
+    ):  # fmt: skip
+        data = tmp_path / script
+        data.mkdir()
+        for name in files:
+            (data / name).touch()
+        proc = run_script(script, "--data", data, "--save-dir", tmp_path / "ck", "--dry-run", MEO_NUM_GPUS="0")
+        argv = printed_command(ok(proc))
+        assert argv[argv.index("--required-batch-size-multiple") + 1] == "1", script
+
+
+def test_torchrun_with_one_gpu(tmp_path):
+    """MEO_LAUNCHER=torchrun launches torchrun with one GPU too (it used to run plain fairseq)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("dict.txt", "train.idx", "train.bin", "valid.idx"):
+        (data / name).touch()
+    base = ["--data", data, "--save-dir", tmp_path / "ck", "--dry-run"]
+    proc = run_script("train_wikitext.sh", *base, MEO_NUM_GPUS="1", MEO_LAUNCHER="torchrun")
+    argv = printed_command(ok(proc))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m"]
+    assert argv[:7] == torchrun
+    # fairseq reads torchrun's WORLD_SIZE only when --distributed-world-size > 1
+    assert int(argv[argv.index("--distributed-world-size") + 1]) > 1

@@ -16,6 +16,7 @@ from fairseq.models.transformer_lm import (
     transformer_lm_gpt2_medium,
     transformer_lm_gpt2_small,
 )
+from fairseq.tasks.language_modeling import LanguageModelingTask
 from fairseq.utils import safe_getattr
 
 from .common import (
@@ -59,6 +60,7 @@ class MEOTransformerLanguageModel(MetadataCheckMixin, TransformerLanguageModel):
         embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
         decoder = MoETransformerDecoder(args, task.target_dictionary, embed_tokens, moe_cfgs, no_encoder_attn=True)
         model = cls(decoder)
+        task.meo_lm_positions = args.max_target_positions  # read by the eval-lm check below
         path = safe_getattr(args, "moe_upcycle_from", None)
         if path and not loading_trained_checkpoint():
             upcycle_from_checkpoint(model, path)
@@ -79,6 +81,38 @@ def _warn_if_never_routed(moe_cfgs, tokens_per_sample):
             "uses the learned default gate and the routers never route",
             cfg.routing, cfg.routing, length, tokens_per_sample,
         )
+
+
+_fairseq_eval_lm_dataloader = LanguageModelingTask.eval_lm_dataloader
+
+
+def _eval_lm_dataloader(self, dataset, *args, max_positions=None, context_window=0, **kwargs):
+    """fairseq-eval-lm's data loader, failing loudly where fairseq would skip blocks in silence.
+
+    fairseq-eval-lm cuts the data into blocks of ``--tokens-per-sample`` (fairseq's default: 1024)
+    and skips every block longer than the model's positions with one WARNING. For a plugin LM
+    (``self.meo_lm_positions`` set by ``build_model``) a block that is longer, context window
+    included, than the positions it was trained with raises an error that names the flag instead.
+    """
+    limit = getattr(self, "meo_lm_positions", None)
+    if limit is not None and max_positions is not None and len(dataset) > 0:
+        longest = int(max(dataset.sizes)) + context_window  # context tokens precede each block
+        if longest > min(limit, max_positions):
+            tokens = self.args.tokens_per_sample + context_window  # eval-lm subtracted the window
+            long_blocks = int(sum(int(s) + context_window > min(limit, max_positions) for s in dataset.sizes))
+            raise ValueError(
+                f"--tokens-per-sample {tokens}: {long_blocks} of {len(dataset)} blocks "
+                f"(context window included) are longer than the {min(limit, max_positions)} positions the "
+                f"model was trained with, and fairseq would skip them; pass --tokens-per-sample "
+                f"{min(limit, max_positions)} (its training value; with --context-window, the window is "
+                f"part of those tokens)"
+            )
+    return _fairseq_eval_lm_dataloader(
+        self, dataset, *args, max_positions=max_positions, context_window=context_window, **kwargs
+    )
+
+
+LanguageModelingTask.eval_lm_dataloader = _eval_lm_dataloader
 
 
 @register_model_architecture("meo_transformer_lm", "meo_transformer_lm_tiny")

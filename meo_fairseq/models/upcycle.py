@@ -136,9 +136,17 @@ def upcycle_from_checkpoint(model: torch.nn.Module, path: str, upgrade=None) -> 
             logger.warning("upcycling: %s has one more row in %s (<mask>); dropping the last row", key, path)
             src = src[:-1]
         if tuple(src.shape) != tuple(tensor.shape):
+            if _is_embedding(key) and src.dim() == 2 and src.size(1) == tensor.size(1):
+                hint = (
+                    f"the dictionaries differ ({src.size(0)} entries in the checkpoint, {tensor.size(0)} in "
+                    "this data): binarize the data with the dense model's dictionary "
+                    "(fairseq-preprocess --srcdict/--tgtdict)"
+                )
+            else:
+                hint = "use the architecture sized like the dense checkpoint"
             raise ValueError(
                 f"--moe-upcycle-from: {key} has shape {tuple(src.shape)} in {path} but {tuple(tensor.shape)} "
-                "in this model: use the architecture sized like the dense checkpoint"
+                f"in this model: {hint}"
             )
         tensor.copy_(src)
         copied += 1
