@@ -128,7 +128,11 @@ def _option_value(args, name):
 
 
 def build_metadata(
-    args, task, dictionary_files: Optional[Tuple[Optional[str], Optional[str]]] = None, defaults: Optional[dict] = None
+    args,
+    task,
+    dictionary_files: Optional[Tuple[Optional[str], Optional[str]]] = None,
+    defaults: Optional[dict] = None,
+    target_role: str = "target",
 ) -> dict:
     """The document stored in META_KEY for a model built from ``args`` for ``task``.
 
@@ -139,12 +143,15 @@ def build_metadata(
             (default: task_dictionary_files(task)).
         defaults: the values the model uses for options left at None (e.g. the decoder routing),
             so that the default and the same value given explicitly compare equal.
+        target_role: the role under which the target dictionary is recorded; only dictionaries of
+            the same role are compared (a classifier's ``label`` dictionary is not the masked-LM
+            ``target`` dictionary of the checkpoint it is fine-tuned from).
     Returns:
         {"version", "dictionaries": [{"role", "fingerprint", "size", "file"}...], "moe": {option: value}}
     """
     files = dictionary_files or task_dictionary_files(task)
     dicts = []
-    for role, d, f in (("source", task.source_dictionary, files[0]), ("target", task.target_dictionary, files[1])):
+    for role, d, f in (("source", task.source_dictionary, files[0]), (target_role, task.target_dictionary, files[1])):
         if d is not None:
             dicts.append({"role": role, "fingerprint": dictionary_fingerprint(d), "size": len(d), "file": f})
     moe = {name: _option_value(args, name) for name in MEANING_OPTIONS}
@@ -169,10 +176,13 @@ def decode_metadata(tensor: torch.Tensor) -> Optional[dict]:
     return meta if isinstance(meta, dict) and "dictionaries" in meta else None
 
 
-def attach_metadata(model: torch.nn.Module, args, task, dictionary_files=None, defaults=None) -> None:
+def attach_metadata(
+    model: torch.nn.Module, args, task, dictionary_files=None, defaults=None, target_role="target"
+) -> None:
     """Register the META_KEY buffer on a freshly built model (call at the end of build_model;
     the arguments are build_metadata's)."""
-    model.register_buffer(META_KEY, encode_metadata(build_metadata(args, task, dictionary_files, defaults)))
+    meta = build_metadata(args, task, dictionary_files, defaults, target_role)
+    model.register_buffer(META_KEY, encode_metadata(meta))
     model._reset_moe_options = bool(safe_getattr(args, "reset_moe_options", False))
 
 

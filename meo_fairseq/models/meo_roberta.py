@@ -19,6 +19,7 @@ name and shape. Before any update the model computes the dense model's function.
 """
 
 import logging
+import os
 from typing import Dict
 
 import torch
@@ -36,7 +37,8 @@ from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from fairseq.utils import safe_getattr, safe_hasattr
 
 from ..modules.experts import StackedExperts, TokenBlock
-from .common import MoETransformerEncoder
+from .common import MetadataCheckMixin, MoETransformerEncoder, ResumeArgs, attach_metadata
+from .init import MoEInitArgs, apply_init
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
 from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
@@ -74,8 +76,23 @@ class MEORobertaEncoder(RobertaEncoder):
         return encoder
 
 
+def _dictionary_files(task):
+    """The files of the task's source and target dictionaries: DATA/dict.txt for masked_lm,
+    DATA/input0/dict.txt and DATA/label/dict.txt for sentence_prediction (None where absent)."""
+    cfg = getattr(task, "cfg", None) or getattr(task, "args", None)
+    data = getattr(cfg, "data", None) if cfg is not None else None
+    if not data:
+        return None
+    root = os.path.abspath(str(data).split(os.pathsep)[0])
+    source = os.path.join(root, "input0", "dict.txt")
+    if not os.path.isfile(source):
+        return None  # masked_lm: DATA/dict.txt (the default of attach_metadata)
+    label = os.path.join(root, "label", "dict.txt")
+    return source, label if os.path.isfile(label) else None
+
+
 @register_model("meo_roberta")
-class MEORobertaModel(RobertaModel):
+class MEORobertaModel(MetadataCheckMixin, RobertaModel):
     def __init__(self, args, encoder):
         super().__init__(args, encoder)  # applies init_bert_params to the whole model
         self.apply(init_expert_params)
@@ -90,6 +107,8 @@ class MEORobertaModel(RobertaModel):
     def add_args(cls, parser):
         RobertaModel.add_args(parser)
         gen_parser_from_dataclass(parser, MoEArgs())
+        gen_parser_from_dataclass(parser, MoEInitArgs())
+        gen_parser_from_dataclass(parser, ResumeArgs())
         add_gate_noise_alias(parser)
 
     @classmethod
@@ -119,6 +138,11 @@ class MEORobertaModel(RobertaModel):
         path = safe_getattr(args, "moe_upcycle_from", None)
         if path and not loading_trained_checkpoint():
             upcycle_from_checkpoint(model, path, upgrade=model._upgrade_dense_state)
+        apply_init(model, args)
+        files = _dictionary_files(task)
+        # sentence_prediction's target dictionary holds the labels: recorded as "label", so that a
+        # classifier fine-tuned from a masked-LM checkpoint compares only the token dictionary
+        attach_metadata(model, args, task, files, target_role="label" if files else "target")
         return model
 
     def _upgrade_dense_state(self, dense: dict) -> dict:
