@@ -39,6 +39,7 @@ DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in REPO.glob("exampl
 NEEDS_NETWORK = "downloads the data or a model (no network in tests)"
 FULL_DATA = "needs the full data set or a full-size dense checkpoint (upcycling is tested in test_recipes.py)"
 GPUS = "launches on GPUs"
+GLUE_DATA = "needs the GLUE download and roberta.base (no network in tests); the QNLI-sample block runs these scripts"
 SETUP = "sets up an environment (.ci/run runs the test command itself)"
 
 # (file, a piece of the block's text; "\n" matches its start and end too) -> kind or ("skip", reason). Within a file, smoke blocks run first, then
@@ -77,6 +78,13 @@ BLOCKS = {
     ("examples/squad/README.md", "CUDA_VISIBLE_DEVICES=0,1,2,3 scripts/train_squad.sh"): "dry-run",
     ("examples/squad/README.md", "--save-dir checkpoints/squad-meo-up"): ("skip", FULL_DATA),
     ("examples/squad/README.md", "scripts/prepare_squad.sh --raw tests/data/squad"): "smoke",
+    ("examples/glue/README.md", "scripts/prepare_glue.sh --task RTE --glue-dir glue_data"): ("skip", NEEDS_NETWORK),
+    ("examples/glue/README.md", "--save-dir checkpoints/rte-meo-token"): ("skip", GLUE_DATA),
+    ("examples/glue/README.md", "scripts/eval_glue.sh --task RTE"): ("skip", GLUE_DATA),
+    # the QNLI-sample pipeline, shortened: one seed and one epoch instead of five of each
+    ("examples/glue/README.md", "--out data-bin/qnli-sample"): (
+        "shortened", [("for seed in 1 2 3 4 5; do", "for seed in 1; do"), ("--epochs 5", "--epochs 1")]
+    ),
 }  # fmt: skip
 
 # what the smoke tests' outputs stand for (scratch path -> the smoke output it links to)
@@ -188,6 +196,12 @@ def run_doc(doc, scratch):
         elif kind == "run":
             proc = run_block(lang, body, scratch)
             check_block(body, proc.stdout + proc.stderr)
+        elif isinstance(kind, tuple) and kind[0] == "shortened":  # documented substitutions only
+            for text, shorter in kind[1]:
+                assert text in body, (doc, text)
+                body = body.replace(text, shorter)
+            proc = run_block(lang, body, scratch)
+            check_block(body, proc.stdout + proc.stderr)
         elif kind == "dry-run":
             for command in dry_run(body, scratch):
                 args = parse_train_argv(shlex.split(command))
@@ -245,6 +259,10 @@ def check_outputs(doc, root):
                 grams = [tuple(pieces[i : i + 3]) for i in range(len(pieces) - 2)]
                 assert len(grams) == len(set(grams)), line
         assert json.loads((root / "results/xsum-meo/rouge.json").read_text())["num_examples"] == 20
+    elif doc == "examples/glue/README.md":
+        scores = json.loads((root / "eval/qnli-1/glue.json").read_text())
+        # every dev pair of the QNLI sample scored (accuracy itself is checked in test_glue.py)
+        assert scores["task"] == "QNLI" and scores["examples"] == 200 and 0 <= scores["accuracy"] <= 100, scores
     elif doc == "examples/squad/README.md":
         for out in ("results/squad-meo", "tmp/squad-eval"):
             assert json.loads((root / out / "squad.json").read_text())["num_questions"] == 30, out

@@ -20,7 +20,7 @@ def listed_flags(text):
 def listed_options(text):
     """(flag, a valid value or None) for every option the listing shows."""
     out = []
-    for m in re.finditer(r"^(--[\w-]+)(?: \{([\w,]+)\}| (INT|FLOAT|STR))?", text, re.MULTILINE):
+    for m in re.finditer(r"^(--[\w-]+)(?: \{([\w,-]+)\}| (INT|FLOAT|STR))?", text, re.MULTILINE):
         value = m.group(2).split(",")[0] if m.group(2) else {"INT": "2", "FLOAT": "0.5", "STR": "x"}.get(m.group(3))
         out.append((m.group(1), value))
     return out

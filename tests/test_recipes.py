@@ -194,8 +194,12 @@ def parse_train_argv(argv):
     from fairseq import options
 
     i = argv.index("fairseq_cli.train")
+    argv = list(argv[i + 1 :])
+    if "--user-dir" in argv:  # fairseq refuses a second path (a symlink) to an imported user dir
+        j = argv.index("--user-dir") + 1
+        argv[j] = os.path.realpath(argv[j])
     parser = options.get_training_parser()
-    return options.parse_args_and_arch(parser, argv[i + 1 :])
+    return options.parse_args_and_arch(parser, argv)
 
 
 @pytest.mark.parametrize(
