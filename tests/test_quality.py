@@ -59,6 +59,8 @@ def test_summary_at_equal_updates_and_equal_time():
     assert s["moe"]["valid_ppl_equal_time"] == pytest.approx((2**9, 0.0))
     assert s["moe"]["valid_ppl"][0] == pytest.approx((2**5 + 2**4) / 2)
     assert s["moe"]["sec_per_update"][0] == pytest.approx(0.2)
+    # paired by seed: (2**5 - 2**7, 2**4 - 2**6) = (-96, -48)
+    assert s["moe"]["valid_ppl_minus_dense"] == pytest.approx((-72.0, math.sqrt(2 * 24**2)))
     # outside the curve: no value
     assert math.isnan(Q._at_time([(100, 8.0)], 0.1, 5.0))
     assert math.isnan(Q.mean_std([1.0])[1])

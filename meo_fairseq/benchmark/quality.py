@@ -301,6 +301,7 @@ def summarize(runs: Dict[str, Dict[str, Dict[int, Dict]]]) -> Dict:
             totals = [t for t in totals if not math.isnan(t)]
             budget[s] = min(totals) if totals else float("nan")
         out[setting] = {}
+        dense = by_variant.get("dense")
         for name, r in by_variant.items():
             ppl = [2 ** r[s]["curve"][-1][1] for s in sorted(r)]
             timed = [2 ** _at_time(r[s]["curve"], r[s]["sec_per_update"], budget[s]) for s in sorted(r)]
@@ -314,6 +315,9 @@ def summarize(runs: Dict[str, Dict[str, Dict[int, Dict]]]) -> Dict:
                 "sec_per_update": mean_std(spu),
                 "params": next((r[s]["params"] for s in r if r[s].get("params")), None),
                 "valid_ppl_per_seed": ppl,
+                # paired by seed (the seeds' spread is shared by all variants): ppl - dense's ppl
+                "valid_ppl_minus_dense": mean_std([2 ** r[s]["curve"][-1][1] - 2 ** dense[s]["curve"][-1][1]
+                                                   for s in sorted(r) if s in dense]) if dense else (float("nan"),) * 2,
             }
     return out
 
@@ -327,26 +331,28 @@ def _fmt(ms: Tuple[float, float], digits: int = 1) -> str:
 
 def table(summary: Dict, updates: int, eval_subset: str) -> str:
     head = (f"{'setting':<9} {'variant':<14} {'params':>9} {'seeds':>5} {f'valid ppl @{updates} upd':>18} "
-            f"{'valid ppl @equal time':>21} {f'{eval_subset} ppl (eval-lm)':>19} {'ms/update':>10}")
+            f"{'- dense (paired)':>15} {'valid ppl @equal time':>21} {f'{eval_subset} ppl (eval-lm)':>19} {'ms/update':>10}")
     lines = [head, "-" * len(head)]
     for setting, by_variant in summary.items():
         for name, s in by_variant.items():
             ms = (s["sec_per_update"][0] * 1000, s["sec_per_update"][1] * 1000)
             params = f"{s['params']:,}" if s["params"] else "-"
             lines.append(f"{setting:<9} {name:<14} {params:>9} {len(s['seeds']):>5} {_fmt(s['valid_ppl']):>18} "
-                         f"{_fmt(s['valid_ppl_equal_time']):>21} {_fmt(s['eval_ppl']):>19} {_fmt(ms, 0):>10}")
+                         f"{_fmt(s['valid_ppl_minus_dense']):>15} {_fmt(s['valid_ppl_equal_time']):>21} {_fmt(s['eval_ppl']):>19} "
+                         f"{_fmt(ms, 0):>10}")
     return "\n".join(lines)
 
 
 def markdown(summary: Dict, updates: int, eval_subset: str) -> str:
     """The table of :func:`table` in Markdown."""
-    lines = [f"| setting | variant | params | seeds | valid ppl @{updates} updates | valid ppl @equal time | "
-             f"{eval_subset} ppl (eval-lm) | ms/update |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| setting | variant | params | seeds | valid ppl @{updates} updates | minus dense (paired by seed) | "
+             f"valid ppl @equal time | {eval_subset} ppl (eval-lm) | ms/update |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for setting, by_variant in summary.items():
         for name, s in by_variant.items():
             ms = (s["sec_per_update"][0] * 1000, s["sec_per_update"][1] * 1000)
             params = f"{s['params']:,}" if s["params"] else "-"
             lines.append(f"| {setting} | {name} | {params} | {len(s['seeds'])} | {_fmt(s['valid_ppl'])} | "
+                         f"{_fmt(s['valid_ppl_minus_dense'])} | "
                          f"{_fmt(s['valid_ppl_equal_time'])} | {_fmt(s['eval_ppl'])} | {_fmt(ms, 0)} |")
     return "\n".join(lines)
 
