@@ -195,4 +195,4 @@ def test_study_end_to_end(lm_bin, tmp_path, capsys):
     assert bench_main(argv) == 0
     assert capsys.readouterr().out.count("done before") == 5
     with pytest.raises(Q.StudyError, match="other options"):
-        bench_main(argv[:-2] + ["--variants", "moe", "--expert-args", "--moe-balance-weight 0.1"])
+        bench_main(argv[:-2] + ["--variants", "moe_nonoise", "--expert-args", "--moe-balance-weight 0.1"])
