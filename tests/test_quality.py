@@ -47,10 +47,15 @@ def _res(curve, spu):
 def test_summary_at_equal_updates_and_equal_time():
     # dense: 0.1 s/update; moe: 0.2 s/update. Budget of a seed = dense's total time (20 s for 200 updates),
     # where moe has done 100 updates.
-    runs = {"scratch": {
-        "dense": {1: _res([(100, 8.0), (200, 7.0)], 0.1), 2: _res([(100, 8.0), (200, 6.0)], 0.1)},
-        "moe": {1: _res([(100, 9.0), (200, 5.0)], 0.2), 2: _res([(50, 10.0), (150, 8.0), (200, 4.0)], 0.2)},
-    }}
+    runs = {
+        "scratch": {
+            "dense": {1: _res([(100, 8.0), (200, 7.0)], 0.1), 2: _res([(100, 8.0), (200, 6.0)], 0.1)},
+            "moe": {
+                1: _res([(100, 9.0), (200, 5.0)], 0.2),
+                2: _res([(50, 10.0), (150, 8.0), (200, 4.0)], 0.2),
+            },
+        }
+    }
     s = Q.summarize(runs)["scratch"]
     assert s["dense"]["valid_ppl"][0] == pytest.approx((2**7 + 2**6) / 2)
     assert s["dense"]["valid_ppl"][1] == pytest.approx(math.sqrt(((2**7 - 2**6) ** 2) / 2))
@@ -59,6 +64,8 @@ def test_summary_at_equal_updates_and_equal_time():
     assert s["moe"]["valid_ppl_equal_time"] == pytest.approx((2**9, 0.0))
     assert s["moe"]["valid_ppl"][0] == pytest.approx((2**5 + 2**4) / 2)
     assert s["moe"]["sec_per_update"][0] == pytest.approx(0.2)
+    # paired by seed: (2**5 - 2**7, 2**4 - 2**6) = (-96, -48)
+    assert s["moe"]["valid_ppl_minus_dense"] == pytest.approx((-72.0, math.sqrt(2 * 24**2)))
     # outside the curve: no value
     assert math.isnan(Q._at_time([(100, 8.0)], 0.1, 5.0))
     assert math.isnan(Q.mean_std([1.0])[1])
@@ -67,8 +74,15 @@ def test_summary_at_equal_updates_and_equal_time():
 
 
 def test_commands(tmp_path):
-    a = Q.build_parser().parse_args(["--data", str(tmp_path), "--args", "--lr 5e-4 --decoder-embed-dim 128",
-                                     "--expert-args=--no-moe-gate-noise"])
+    a = Q.build_parser().parse_args(
+        [
+            "--data",
+            str(tmp_path),
+            "--args",
+            "--lr 5e-4 --decoder-embed-dim 128",
+            "--expert-args=--no-moe-gate-noise",
+        ]
+    )
     up = tmp_path / "dense.pt"
     for name, flags in Q.VARIANTS.items():
         for ckpt in (None, up):
@@ -85,15 +99,23 @@ def test_commands(tmp_path):
     assert "--moe-decoder-routing segment" in Q.VARIANTS["meo"]
     assert "--moe-level token" in Q.VARIANTS["meo_token"] and "--moe-mode meo" in Q.VARIANTS["meo_token"]
     k1 = Q.run_key(Q.train_cmd(a, Q.VARIANTS["moe"], tmp_path / "a", 600, 1))
-    assert k1 == Q.run_key(Q.train_cmd(a, Q.VARIANTS["moe"], tmp_path / "b", 600, 1))  # the save dir is no part
+    assert k1 == Q.run_key(
+        Q.train_cmd(a, Q.VARIANTS["moe"], tmp_path / "b", 600, 1)
+    )  # the save dir is no part
     assert k1 != Q.run_key(Q.train_cmd(a, Q.VARIANTS["moe"], tmp_path / "a", 600, 2))
     cmd = Q.eval_cmd(a, tmp_path / "c.pt")
-    assert cmd[cmd.index("--path") + 1] == str(tmp_path / "c.pt") and cmd[cmd.index("--gen-subset") + 1] == "test"
+    assert (
+        cmd[cmd.index("--path") + 1] == str(tmp_path / "c.pt")
+        and cmd[cmd.index("--gen-subset") + 1] == "test"
+    )
     assert Q.is_dense("--moe-mode moe --moe-mode dense") and not Q.is_dense("--moe-mode moe")
 
 
 def test_bad_options(tmp_path, capsys):
-    assert Q.parse_variant("moe_nn=--moe-mode moe --no-moe-gate-noise") == ("moe_nn", "--moe-mode moe --no-moe-gate-noise")
+    assert Q.parse_variant("moe_nn=--moe-mode moe --no-moe-gate-noise") == (
+        "moe_nn",
+        "--moe-mode moe --no-moe-gate-noise",
+    )
     for bad in ("noequals", "a b=--x", "=--x"):
         with pytest.raises(ValueError, match="--variant"):
             Q.parse_variant(bad)
@@ -143,19 +165,35 @@ def test_random_router_keeps_upcycling_exact(tmp_path, variant):
 
 
 def test_expert_init_scale_and_errors():
-    model, _ = build("meo_transformer_lm_tiny", "language_modeling", LM + ["--moe-mode", "moe", "--moe-level", "token"])
+    model, _ = build(
+        "meo_transformer_lm_tiny", "language_modeling", LM + ["--moe-mode", "moe", "--moe-level", "token"]
+    )
     before = {n: p.clone() for n, p in model.named_parameters()}
     args = Q.build_parser().parse_args(["--data", "x"])
-    args.moe_router_init, args.moe_router_init_std, args.moe_expert_init_scale, args.moe_upcycle_from = "zero", 0.1, 2.0, None
+    args.moe_router_init, args.moe_router_init_std, args.moe_expert_init_scale, args.moe_upcycle_from = (
+        "zero",
+        0.1,
+        2.0,
+        None,
+    )
     apply_init(model, args)
     scaled = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert sorted(scaled) == sorted(n for n in before if n.endswith("experts.weight")) and len(scaled) == 4
     for n in scaled:
         torch.testing.assert_close(dict(model.named_parameters())[n], 2 * before[n])
-    for field, value, flag in (("moe_router_init", "uniform", "--moe-router-init"), ("moe_router_init_std", -1.0, "--moe-router-init-std"),
-                               ("moe_expert_init_scale", 0.0, "--moe-expert-init-scale"), ("moe_upcycle_from", "d.pt", "--moe-expert-init-scale")):
+    for field, value, flag in (
+        ("moe_router_init", "uniform", "--moe-router-init"),
+        ("moe_router_init_std", -1.0, "--moe-router-init-std"),
+        ("moe_expert_init_scale", 0.0, "--moe-expert-init-scale"),
+        ("moe_upcycle_from", "d.pt", "--moe-expert-init-scale"),
+    ):
         bad = Q.build_parser().parse_args(["--data", "x"])
-        bad.moe_router_init, bad.moe_router_init_std, bad.moe_expert_init_scale, bad.moe_upcycle_from = "zero", 0.1, 2.0, None
+        bad.moe_router_init, bad.moe_router_init_std, bad.moe_expert_init_scale, bad.moe_upcycle_from = (
+            "zero",
+            0.1,
+            2.0,
+            None,
+        )
         setattr(bad, field, value)
         with pytest.raises(ValueError, match=flag):
             apply_init(model, bad)
@@ -166,12 +204,38 @@ def test_expert_init_scale_and_errors():
 
 def test_study_end_to_end(lm_bin, tmp_path, capsys):
     out = tmp_path / "study"
-    argv = ["quality", "--data", str(lm_bin), "--out", str(out), "--seeds", "1", "--updates", "4", "--pretrain-updates", "4",
-            "--valid-every", "2", "--log-interval", "1", "--tokens-per-sample", "64", "--max-tokens", "512",
-            "--experts", "4", "--segment-length", "16", "--eval-subset", "valid",
-            # the finding: upcycled copies with a zero router and no gate noise stay the dense model
-            "--variant", "moe_nonoise=--moe-mode moe --moe-level token --no-moe-gate-noise",
-            "--variants", "dense,moe_nonoise"]  # (every variant's flags: test_commands)
+    argv = [
+        "quality",
+        "--data",
+        str(lm_bin),
+        "--out",
+        str(out),
+        "--seeds",
+        "1",
+        "--updates",
+        "4",
+        "--pretrain-updates",
+        "4",
+        "--valid-every",
+        "2",
+        "--log-interval",
+        "1",
+        "--tokens-per-sample",
+        "64",
+        "--max-tokens",
+        "512",
+        "--experts",
+        "4",
+        "--segment-length",
+        "16",
+        "--eval-subset",
+        "valid",
+        # the finding: upcycled copies with a zero router and no gate noise stay the dense model
+        "--variant",
+        "moe_nonoise=--moe-mode moe --moe-level token --no-moe-gate-noise",
+        "--variants",
+        "dense,moe_nonoise",
+    ]  # (every variant's flags: test_commands)
     assert bench_main(argv) == 0
     text = capsys.readouterr().out
     assert "[quality] [5/5] upcycled/moe_nonoise seed 1" in text and "valid ppl @4 upd" in text
@@ -193,4 +257,4 @@ def test_study_end_to_end(lm_bin, tmp_path, capsys):
     assert bench_main(argv) == 0
     assert capsys.readouterr().out.count("done before") == 5
     with pytest.raises(Q.StudyError, match="other options"):
-        bench_main(argv[:-2] + ["--variants", "moe", "--expert-args", "--moe-balance-weight 0.1"])
+        bench_main(argv[:-2] + ["--variants", "moe_nonoise", "--expert-args", "--moe-balance-weight 0.1"])

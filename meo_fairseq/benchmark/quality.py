@@ -105,21 +105,71 @@ def is_dense(flags: str) -> bool:
 # ---- commands ----------------------------------------------------------------------------------
 
 
-def train_cmd(a, variant_flags: str, save_dir: Path, updates: int, seed: int, upcycle_from: Optional[Path] = None) -> List[str]:
+def train_cmd(
+    a, variant_flags: str, save_dir: Path, updates: int, seed: int, upcycle_from: Optional[Path] = None
+) -> List[str]:
     """The fairseq-train command of one run (the save dir last, so that it can be left out of the key)."""
     lr = a.upcycle_lr if upcycle_from is not None else a.lr
     cmd = [
-        sys.executable, "-m", "fairseq_cli.train", str(a.data), "--user-dir", str(PKG),
-        "--task", "language_modeling", "--arch", a.arch,
-        "--moe-experts", str(a.experts), "--moe-top-k", str(a.top_k), "--moe-segment-length", str(a.segment_length),
-        "--criterion", "moe_cross_entropy", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
-        "--lr", str(lr), "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(a.warmup),
-        "--dropout", "0.1", "--share-decoder-input-output-embed",
-        "--tokens-per-sample", str(a.tokens_per_sample), "--sample-break-mode", "none", "--max-tokens", str(a.max_tokens),
-        "--max-update", str(updates), "--validate-interval-updates", str(a.valid_every),
-        "--validate-interval", "1000000", "--save-interval", "1000000",
-        "--save-interval-updates", str(a.valid_every), "--keep-interval-updates", "1", "--no-epoch-checkpoints",
-        "--cpu", "--seed", str(seed), "--log-format", "simple", "--log-interval", str(a.log_interval), "--num-workers", "0",
+        sys.executable,
+        "-m",
+        "fairseq_cli.train",
+        str(a.data),
+        "--user-dir",
+        str(PKG),
+        "--task",
+        "language_modeling",
+        "--arch",
+        a.arch,
+        "--moe-experts",
+        str(a.experts),
+        "--moe-top-k",
+        str(a.top_k),
+        "--moe-segment-length",
+        str(a.segment_length),
+        "--criterion",
+        "moe_cross_entropy",
+        "--optimizer",
+        "adam",
+        "--adam-betas",
+        "(0.9, 0.98)",
+        "--lr",
+        str(lr),
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        str(a.warmup),
+        "--dropout",
+        "0.1",
+        "--share-decoder-input-output-embed",
+        "--tokens-per-sample",
+        str(a.tokens_per_sample),
+        "--sample-break-mode",
+        "none",
+        "--max-tokens",
+        str(a.max_tokens),
+        "--max-update",
+        str(updates),
+        "--validate-interval-updates",
+        str(a.valid_every),
+        "--validate-interval",
+        "1000000",
+        "--save-interval",
+        "1000000",
+        "--save-interval-updates",
+        str(a.valid_every),
+        "--keep-interval-updates",
+        "1",
+        "--no-epoch-checkpoints",
+        "--cpu",
+        "--seed",
+        str(seed),
+        "--log-format",
+        "simple",
+        "--log-interval",
+        str(a.log_interval),
+        "--num-workers",
+        "0",
     ]
     cmd += shlex.split(variant_flags)
     if upcycle_from is not None:
@@ -132,9 +182,23 @@ def train_cmd(a, variant_flags: str, save_dir: Path, updates: int, seed: int, up
 
 def eval_cmd(a, checkpoint: Path) -> List[str]:
     return [
-        sys.executable, "-m", "fairseq_cli.eval_lm", str(a.data), "--user-dir", str(PKG), "--path", str(checkpoint),
-        "--gen-subset", a.eval_subset, "--tokens-per-sample", str(a.tokens_per_sample), "--max-tokens", str(a.max_tokens),
-        "--cpu", "--num-workers", "0",
+        sys.executable,
+        "-m",
+        "fairseq_cli.eval_lm",
+        str(a.data),
+        "--user-dir",
+        str(PKG),
+        "--path",
+        str(checkpoint),
+        "--gen-subset",
+        a.eval_subset,
+        "--tokens-per-sample",
+        str(a.tokens_per_sample),
+        "--max-tokens",
+        str(a.max_tokens),
+        "--cpu",
+        "--num-workers",
+        "0",
     ]
 
 
@@ -191,7 +255,9 @@ def _stream(cmd: List[str], log_path: Path, threads: int, on_line=None, echo=Non
     lines = []
     with open(log_path, "a", encoding="utf-8") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(threads), cwd=str(REPO))
+        p = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(threads), cwd=str(REPO)
+        )
         try:
             for line in p.stdout:
                 f.write(line)
@@ -241,7 +307,9 @@ def run_one(a, name: str, cmd: List[str], run_dir: Path, updates: int, label: st
             return res
         cfg_path = run_dir / "key.txt"
         if cfg_path.exists() and cfg_path.read_text() != key:
-            raise StudyError(f"{run_dir} holds an unfinished run with other options; remove it or use another --out")
+            raise StudyError(
+                f"{run_dir} holds an unfinished run with other options; remove it or use another --out"
+            )
         cfg_path.write_text(key)
         t0 = time.time()
         log(f"{label}: training {updates} updates")
@@ -249,8 +317,10 @@ def run_one(a, name: str, cmd: List[str], run_dir: Path, updates: int, label: st
         def progress(line):
             m = _VALID.search(line)
             if m:
-                log(f"{label}: update {int(m.group(2))}/{updates}, valid ppl {2 ** float(m.group(1)):.1f} "
-                    f"({time.time() - t0:.0f} s)")
+                log(
+                    f"{label}: update {int(m.group(2))}/{updates}, valid ppl {2 ** float(m.group(1)):.1f} "
+                    f"({time.time() - t0:.0f} s)"
+                )
 
         _stream(cmd, run_dir / "train.log", a.threads, progress, _echo(a))
         res = parse_train_log((run_dir / "train.log").read_text(encoding="utf-8"))
@@ -262,7 +332,9 @@ def run_one(a, name: str, cmd: List[str], run_dir: Path, updates: int, label: st
         res.update(key=key, variant=name, updates=updates, checkpoint=str(ckpt), wall_s=time.time() - t0)
         res_path.write_text(json.dumps(res, indent=1))
         extra = f", {a.eval_subset} ppl {res['eval_ppl']:.1f}" if a.eval_subset else ""
-        log(f"{label}: valid ppl {2 ** res['curve'][-1][1]:.1f}{extra}, {res['sec_per_update'] * 1000:.0f} ms/update")
+        log(
+            f"{label}: valid ppl {2 ** res['curve'][-1][1]:.1f}{extra}, {res['sec_per_update'] * 1000:.0f} ms/update"
+        )
         return res
 
 
@@ -301,6 +373,7 @@ def summarize(runs: Dict[str, Dict[str, Dict[int, Dict]]]) -> Dict:
             totals = [t for t in totals if not math.isnan(t)]
             budget[s] = min(totals) if totals else float("nan")
         out[setting] = {}
+        dense = by_variant.get("dense")
         for name, r in by_variant.items():
             ppl = [2 ** r[s]["curve"][-1][1] for s in sorted(r)]
             timed = [2 ** _at_time(r[s]["curve"], r[s]["sec_per_update"], budget[s]) for s in sorted(r)]
@@ -314,6 +387,16 @@ def summarize(runs: Dict[str, Dict[str, Dict[int, Dict]]]) -> Dict:
                 "sec_per_update": mean_std(spu),
                 "params": next((r[s]["params"] for s in r if r[s].get("params")), None),
                 "valid_ppl_per_seed": ppl,
+                # paired by seed (the seeds' spread is shared by all variants): ppl - dense's ppl
+                "valid_ppl_minus_dense": mean_std(
+                    [
+                        2 ** r[s]["curve"][-1][1] - 2 ** dense[s]["curve"][-1][1]
+                        for s in sorted(r)
+                        if s in dense
+                    ]
+                )
+                if dense
+                else (float("nan"),) * 2,
             }
     return out
 
@@ -326,28 +409,39 @@ def _fmt(ms: Tuple[float, float], digits: int = 1) -> str:
 
 
 def table(summary: Dict, updates: int, eval_subset: str) -> str:
-    head = (f"{'setting':<9} {'variant':<14} {'params':>9} {'seeds':>5} {f'valid ppl @{updates} upd':>18} "
-            f"{'valid ppl @equal time':>21} {f'{eval_subset} ppl (eval-lm)':>19} {'ms/update':>10}")
+    head = (
+        f"{'setting':<9} {'variant':<14} {'params':>9} {'seeds':>5} {f'valid ppl @{updates} upd':>18} "
+        f"{'- dense (paired)':>15} {'valid ppl @equal time':>21} {f'{eval_subset} ppl (eval-lm)':>19} {'ms/update':>10}"
+    )
     lines = [head, "-" * len(head)]
     for setting, by_variant in summary.items():
         for name, s in by_variant.items():
             ms = (s["sec_per_update"][0] * 1000, s["sec_per_update"][1] * 1000)
             params = f"{s['params']:,}" if s["params"] else "-"
-            lines.append(f"{setting:<9} {name:<14} {params:>9} {len(s['seeds']):>5} {_fmt(s['valid_ppl']):>18} "
-                         f"{_fmt(s['valid_ppl_equal_time']):>21} {_fmt(s['eval_ppl']):>19} {_fmt(ms, 0):>10}")
+            lines.append(
+                f"{setting:<9} {name:<14} {params:>9} {len(s['seeds']):>5} {_fmt(s['valid_ppl']):>18} "
+                f"{_fmt(s['valid_ppl_minus_dense']):>15} {_fmt(s['valid_ppl_equal_time']):>21} {_fmt(s['eval_ppl']):>19} "
+                f"{_fmt(ms, 0):>10}"
+            )
     return "\n".join(lines)
 
 
 def markdown(summary: Dict, updates: int, eval_subset: str) -> str:
     """The table of :func:`table` in Markdown."""
-    lines = [f"| setting | variant | params | seeds | valid ppl @{updates} updates | valid ppl @equal time | "
-             f"{eval_subset} ppl (eval-lm) | ms/update |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| setting | variant | params | seeds | valid ppl @{updates} updates | minus dense (paired by seed) | "
+        f"valid ppl @equal time | {eval_subset} ppl (eval-lm) | ms/update |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for setting, by_variant in summary.items():
         for name, s in by_variant.items():
             ms = (s["sec_per_update"][0] * 1000, s["sec_per_update"][1] * 1000)
             params = f"{s['params']:,}" if s["params"] else "-"
-            lines.append(f"| {setting} | {name} | {params} | {len(s['seeds'])} | {_fmt(s['valid_ppl'])} | "
-                         f"{_fmt(s['valid_ppl_equal_time'])} | {_fmt(s['eval_ppl'])} | {_fmt(ms, 0)} |")
+            lines.append(
+                f"| {setting} | {name} | {params} | {len(s['seeds'])} | {_fmt(s['valid_ppl'])} | "
+                f"{_fmt(s['valid_ppl_minus_dense'])} | "
+                f"{_fmt(s['valid_ppl_equal_time'])} | {_fmt(s['eval_ppl'])} | {_fmt(ms, 0)} |"
+            )
     return "\n".join(lines)
 
 
@@ -371,11 +465,15 @@ def plot(runs: Dict, path: Path) -> None:
             xs = [u for u, _ in r[seeds[0]]["curve"]]
             ys = [[2 ** dict(r[s]["curve"]).get(u, float("nan")) for s in seeds] for u in xs]
             mean = [statistics.fmean(y) for y in ys]
-            for i, x in enumerate((xs, [u * statistics.fmean(r[s]["sec_per_update"] for s in seeds) for u in xs])):
+            for i, x in enumerate(
+                (xs, [u * statistics.fmean(r[s]["sec_per_update"] for s in seeds) for u in xs])
+            ):
                 ax = axes[i][j]
                 (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{name} ({len(seeds)} seeds)")
                 if len(seeds) > 1:
-                    ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
+                    ax.fill_between(
+                        x, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15
+                    )
         for i, xlabel in enumerate(("updates", "training time (s)")):
             ax = axes[i][j]
             ax.set_yscale("log")
@@ -391,7 +489,11 @@ def plot(runs: Dict, path: Path) -> None:
 def job_dir(a, variants: Dict[str, str], out: Path, setting: str, name: str, seed: int) -> Path:
     """The directory of a run; a scratch run that is the dense pretraining (same flags and updates) is
     that run."""
-    if setting == "scratch" and a.updates == a.pretrain_updates and shlex.split(variants[name]) == shlex.split(VARIANTS["dense"]):
+    if (
+        setting == "scratch"
+        and a.updates == a.pretrain_updates
+        and shlex.split(variants[name]) == shlex.split(VARIANTS["dense"])
+    ):
         setting = "pretrain"
     return out / setting / name / f"seed{seed}"
 
@@ -410,8 +512,10 @@ def collect(a, variants: Dict[str, str], names: List[str], settings: List[str], 
     runs: Dict[str, Dict[str, Dict[int, Dict]]] = {s: {} for s in settings}
     for setting in settings:
         for name in names:
-            seeds = sorted({int(p.parent.name[4:]) for p in (out / setting / name).glob("seed*/result.json")}
-                           | {int(p.parent.name[4:]) for p in (out / "pretrain" / "dense").glob("seed*/result.json")})
+            seeds = sorted(
+                {int(p.parent.name[4:]) for p in (out / setting / name).glob("seed*/result.json")}
+                | {int(p.parent.name[4:]) for p in (out / "pretrain" / "dense").glob("seed*/result.json")}
+            )
             for seed in seeds:
                 path = job_dir(a, variants, out, setting, name, seed) / "result.json"
                 if not path.exists():
@@ -427,7 +531,8 @@ def collect(a, variants: Dict[str, str], names: List[str], settings: List[str], 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m meo_fairseq.benchmark quality", description=__doc__.split("\n\n")[0],
+        prog="python -m meo_fairseq.benchmark quality",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", required=True, help="data-bin of scripts/prepare_wikitext.sh")
@@ -435,29 +540,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..S")
     p.add_argument("--seed-list", default=None, help="comma-separated seeds (instead of --seeds)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants to run")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
-                   help="add or replace a variant, e.g. moe_nonoise='--moe-mode moe --moe-level token --no-moe-gate-noise'")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="add or replace a variant, e.g. moe_nonoise='--moe-mode moe --moe-level token --no-moe-gate-noise'",
+    )
     p.add_argument("--settings", default=",".join(SETTINGS), help="scratch, upcycled or both")
-    p.add_argument("--args", default="", help="extra fairseq-train options for every run (the dense pretraining too)")
+    p.add_argument(
+        "--args", default="", help="extra fairseq-train options for every run (the dense pretraining too)"
+    )
     p.add_argument("--expert-args", default="", help="extra fairseq-train options for every run with experts")
     p.add_argument("--arch", default="meo_transformer_lm_tiny")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--segment-length", type=int, default=32)
     p.add_argument("--updates", type=int, default=600, help="updates of every compared run")
-    p.add_argument("--pretrain-updates", type=int, default=600, help="updates of the dense checkpoint to upcycle")
+    p.add_argument(
+        "--pretrain-updates", type=int, default=600, help="updates of the dense checkpoint to upcycle"
+    )
     p.add_argument("--valid-every", type=int, default=100, help="validate and save every N updates")
     p.add_argument("--log-interval", type=int, default=25)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--upcycle-lr", type=float, default=1e-3, help="learning rate of the upcycled continuation")
+    p.add_argument(
+        "--upcycle-lr", type=float, default=1e-3, help="learning rate of the upcycled continuation"
+    )
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--tokens-per-sample", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--eval-subset", default="test", help="fairseq-eval-lm subset ('' to skip)")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per fairseq process")
-    p.add_argument("--report", action="store_true", help="run nothing: the table of the finished runs in --out")
+    p.add_argument(
+        "--report", action="store_true", help="run nothing: the table of the finished runs in --out"
+    )
     p.add_argument("--verbose", action="store_true", help="show fairseq's output")
-    p.add_argument("--progress", action="store_true", help="show fairseq's progress lines (train_inner, valid)")
+    p.add_argument(
+        "--progress", action="store_true", help="show fairseq's progress lines (train_inner, valid)"
+    )
     return p
 
 
@@ -470,7 +590,9 @@ def main(argv=None) -> int:
         if n <= 0 or n % a.valid_every:
             raise SystemExit(f"{flag} {n}: must be a positive multiple of --valid-every {a.valid_every}")
     if a.valid_every % a.log_interval:
-        raise SystemExit(f"--valid-every {a.valid_every}: must be a multiple of --log-interval {a.log_interval}")
+        raise SystemExit(
+            f"--valid-every {a.valid_every}: must be a multiple of --log-interval {a.log_interval}"
+        )
     variants = dict(VARIANTS)
     try:
         variants.update(parse_variant(v) for v in a.variant)
@@ -479,7 +601,9 @@ def main(argv=None) -> int:
     names = [v for v in a.variants.split(",") if v]
     for v in names:
         if v not in variants:
-            raise SystemExit(f"--variants: unknown variant {v!r}; known: {', '.join(variants)} (add one with --variant)")
+            raise SystemExit(
+                f"--variants: unknown variant {v!r}; known: {', '.join(variants)} (add one with --variant)"
+            )
     settings = [s for s in a.settings.split(",") if s]
     for s in settings:
         if s not in SETTINGS:
@@ -502,15 +626,31 @@ def main(argv=None) -> int:
         run_one(a, name, cmd, run_dir, a.pretrain_updates if setting == "pretrain" else a.updates, label)
         if setting != "pretrain":
             runs = collect(a, variants, names, settings, out)
-            (out / "results.json").write_text(json.dumps(
-                {"options": {k: str(v) for k, v in vars(a).items()}, "variants": {v: variants[v] for v in names},
-                 "summary": summarize(runs), "runs": runs}, indent=1))
+            (out / "results.json").write_text(
+                json.dumps(
+                    {
+                        "options": {k: str(v) for k, v in vars(a).items()},
+                        "variants": {v: variants[v] for v in names},
+                        "summary": summarize(runs),
+                        "runs": runs,
+                    },
+                    indent=1,
+                )
+            )
             plot(runs, out / "curves.png")
     runs = collect(a, variants, names, settings, out)
     if a.report:
-        (out / "results.json").write_text(json.dumps(
-            {"options": {k: str(v) for k, v in vars(a).items()}, "variants": {v: variants[v] for v in names},
-             "summary": summarize(runs), "runs": runs}, indent=1))
+        (out / "results.json").write_text(
+            json.dumps(
+                {
+                    "options": {k: str(v) for k, v in vars(a).items()},
+                    "variants": {v: variants[v] for v in names},
+                    "summary": summarize(runs),
+                    "runs": runs,
+                },
+                indent=1,
+            )
+        )
         plot(runs, out / "curves.png")
     (out / "results.md").write_text(markdown(summarize(runs), a.updates, a.eval_subset or "-") + "\n")
     log(f"done in {time.time() - t_start:.0f} s")

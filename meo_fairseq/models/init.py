@@ -34,12 +34,16 @@ ROUTER_INITS = ("zero", "normal")
 class MoEInitArgs(FairseqDataclass):
     moe_router_init: ChoiceEnum(ROUTER_INITS) = field(
         default="zero",
-        metadata={"help": "router weights at the start: zero (the authors' code) or normal (N(0, std^2), as sparse upcycling)"},
+        metadata={
+            "help": "router weights at the start: zero (the authors' code) or normal (N(0, std^2), as sparse upcycling)"
+        },
     )
     moe_router_init_std: float = field(default=0.1, metadata={"help": "std of --moe-router-init normal"})
     moe_expert_init_scale: float = field(
         default=1.0,
-        metadata={"help": "multiply the random expert weights by this factor (from scratch only; not with --moe-upcycle-from)"},
+        metadata={
+            "help": "multiply the random expert weights by this factor (from scratch only; not with --moe-upcycle-from)"
+        },
     )
 
 
@@ -64,14 +68,18 @@ def apply_init(model: torch.nn.Module, args) -> None:
     std = float(_get(args, "moe_router_init_std", 0.1))
     scale = float(_get(args, "moe_expert_init_scale", 1.0))
     if router_init not in ROUTER_INITS:
-        raise ValueError(f"--moe-router-init: unknown value {router_init!r}; choose one of {', '.join(ROUTER_INITS)}")
+        raise ValueError(
+            f"--moe-router-init: unknown value {router_init!r}; choose one of {', '.join(ROUTER_INITS)}"
+        )
     if std < 0:
         raise ValueError(f"--moe-router-init-std: must be >= 0, got {std}")
     if scale <= 0:
         raise ValueError(f"--moe-expert-init-scale: must be > 0, got {scale}")
     upcycled = bool(safe_getattr(args, "moe_upcycle_from", None))
     if scale != 1.0 and upcycled:
-        raise ValueError("--moe-expert-init-scale applies to models trained from scratch, not with --moe-upcycle-from")
+        raise ValueError(
+            "--moe-expert-init-scale applies to models trained from scratch, not with --moe-upcycle-from"
+        )
     n_router = n_expert = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
