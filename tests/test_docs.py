@@ -81,9 +81,14 @@ BLOCKS = {
     ("examples/glue/README.md", "scripts/prepare_glue.sh --task RTE --glue-dir glue_data"): ("skip", NEEDS_NETWORK),
     ("examples/glue/README.md", "--save-dir checkpoints/rte-meo-token"): ("skip", GLUE_DATA),
     ("examples/glue/README.md", "scripts/eval_glue.sh --task RTE"): ("skip", GLUE_DATA),
-    # the QNLI-sample pipeline, shortened: one seed and one epoch instead of five of each
+    # the QNLI-sample pipeline, shortened: one seed and one epoch (validated and saved) instead of five
     ("examples/glue/README.md", "--out data-bin/qnli-sample"): (
-        "shortened", [("for seed in 1 2 3 4 5; do", "for seed in 1; do"), ("--epochs 5", "--epochs 1")]
+        "shortened",
+        [
+            ("for seed in 1 2 3 4 5; do", "for seed in 1; do"),
+            ("--epochs 5", "--epochs 1"),
+            ("--validate-interval 5 --save-interval 5", "--validate-interval 1 --save-interval 1"),
+        ],
     ),
 }  # fmt: skip
 
