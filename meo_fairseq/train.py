@@ -18,15 +18,22 @@ from typing import List, Optional
 
 def cli_main(argv: Optional[List[str]] = None) -> None:
     # fairseq-train's log format (its basicConfig is a no-op once importing fairseq has logged)
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
-                        level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout, force=True)
+    logging.basicConfig(
+        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        level=os.environ.get("LOGLEVEL", "INFO").upper(),
+        stream=sys.stdout,
+        force=True,
+    )
     from fairseq import distributed_utils, options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq_cli import train
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = options.get_training_parser()
-    if {"--bf16", "--memory-efficient-bf16"} & set(argv) and {"--fp16", "--memory-efficient-fp16"} & set(argv):
+    if {"--bf16", "--memory-efficient-bf16"} & set(argv) and {"--fp16", "--memory-efficient-fp16"} & set(
+        argv
+    ):
         parser.error("--bf16 and --fp16 exclude each other")  # (fairseq would say "--fp16 and --tpu")
     args = options.parse_args_and_arch(parser, input_args=argv)
     if args.use_plasma_view or args.profile:

@@ -27,11 +27,21 @@ TIMEOUT = 300
 
 # Tiny-model settings shared by the tests.
 LM_COMMON = [
-    "--task", "language_modeling",
-    "--tokens-per-sample", "64",
-    "--max-tokens", "1024",
-    "--cpu", "--num-workers", "0", "--seed", "1",
-    "--log-format", "simple", "--log-interval", "1",
+    "--task",
+    "language_modeling",
+    "--tokens-per-sample",
+    "64",
+    "--max-tokens",
+    "1024",
+    "--cpu",
+    "--num-workers",
+    "0",
+    "--seed",
+    "1",
+    "--log-format",
+    "simple",
+    "--log-interval",
+    "1",
     "--no-epoch-checkpoints",
 ]
 MOE_SMALL = ["--moe-experts", "4", "--moe-top-k", "2"]
@@ -84,7 +94,14 @@ def run_many(jobs: Sequence[tuple], *, cwd=None) -> List[Result]:
     procs = []
     for tool, args in jobs:
         cmd = command(tool, args)
-        procs.append((cmd, subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())))
+        procs.append(
+            (
+                cmd,
+                subprocess.Popen(
+                    cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+                ),
+            )
+        )
     out = []
     for cmd, p in procs:
         so, se = p.communicate(timeout=TIMEOUT)
@@ -119,12 +136,18 @@ def preprocess_lm(dest: Path) -> Path:
         "preprocess",
         [
             "--only-source",
-            "--trainpref", src / "wiki.train.tokens",
-            "--validpref", src / "wiki.valid.tokens",
-            "--testpref", src / "wiki.test.tokens",
-            "--destdir", dest,
-            "--thresholdsrc", "2",
-            "--workers", "1",
+            "--trainpref",
+            src / "wiki.train.tokens",
+            "--validpref",
+            src / "wiki.valid.tokens",
+            "--testpref",
+            src / "wiki.test.tokens",
+            "--destdir",
+            dest,
+            "--thresholdsrc",
+            "2",
+            "--workers",
+            "1",
         ],
     )
     return dest
@@ -154,12 +177,23 @@ def preprocess_seq2seq(text: Path, dest: Path) -> Path:
     run(
         "preprocess",
         [
-            "--source-lang", "src", "--target-lang", "tgt",
-            "--trainpref", text / "train", "--validpref", text / "valid", "--testpref", text / "test",
-            "--destdir", dest,
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            "--trainpref",
+            text / "train",
+            "--validpref",
+            text / "valid",
+            "--testpref",
+            text / "test",
+            "--destdir",
+            dest,
             "--joined-dictionary",
-            "--thresholdsrc", "2",
-            "--workers", "1",
+            "--thresholdsrc",
+            "2",
+            "--workers",
+            "1",
         ],
     )
     return dest
@@ -274,7 +308,9 @@ def finite(x) -> bool:
 # ---- a run to kill ----------------------------------------------------------------------
 
 
-def train_until_then_kill(args: Sequence, log_path: Path, until, *, cwd=None, poll: float = 0.02, timeout: float = TIMEOUT) -> str:
+def train_until_then_kill(
+    args: Sequence, log_path: Path, until, *, cwd=None, poll: float = 0.02, timeout: float = TIMEOUT
+) -> str:
     """Start fairseq-train, wait until ``until(log_text)`` is true, SIGKILL the process (still
     running) and return its log. Fails if the run ended on its own first."""
     cmd = command("train", args)
@@ -287,7 +323,9 @@ def train_until_then_kill(args: Sequence, log_path: Path, until, *, cwd=None, po
                 if until(text):
                     break
                 if p.poll() is not None:
-                    raise AssertionError(f"training ended (exit {p.returncode}) before the kill point:\n{text[-4000:]}")
+                    raise AssertionError(
+                        f"training ended (exit {p.returncode}) before the kill point:\n{text[-4000:]}"
+                    )
                 if time.time() - start > timeout:
                     raise AssertionError(f"kill point not reached in {timeout}s:\n{text[-4000:]}")
                 time.sleep(poll)

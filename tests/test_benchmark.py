@@ -2,7 +2,6 @@
 tiny layers, the log parsers of the fairseq benchmark. No assertion is about a timing."""
 
 import json
-import math
 import warnings
 
 import pytest
@@ -10,10 +9,10 @@ import torch
 
 from meo_fairseq.benchmark import flops as FL
 from meo_fairseq.benchmark import layers as LY
-from meo_fairseq.modules.buffers import scratch_bytes
 from meo_fairseq.benchmark import model as MD
 from meo_fairseq.benchmark.__main__ import main as bench_main
-from meo_fairseq.modules import ExpertLinear, MoEConfig, MoEFFN, Router
+from meo_fairseq.modules import ExpertLinear, MoEFFN, Router
+from meo_fairseq.modules.buffers import scratch_bytes
 
 B, T, DIN, DOUT, N, K = 2, 5, 8, 6, 4, 2
 
@@ -117,7 +116,9 @@ def test_tiny_bert_matches_hand_count():
     for mode in ("dense", "moe", "meo"):
         assert r["gflops"][mode] * 1e9 == pytest.approx(want[mode], abs=0.5), mode
         assert r["formula_gflops"][mode] == pytest.approx(r["gflops"][mode], rel=1e-12)
-    assert r["gflops"]["meo_as_run"] * 1e9 == pytest.approx(want["meo"] - 2 * 2 * (2 * 16 * 32 + 48) + 2 * 2 * 4 * (2 * 16 * 32 + 48), abs=0.5)
+    assert r["gflops"]["meo_as_run"] * 1e9 == pytest.approx(
+        want["meo"] - 2 * 2 * (2 * 16 * 32 + 48) + 2 * 2 * 4 * (2 * 16 * 32 + 48), abs=0.5
+    )
     assert "rel_err" not in r  # only the paper's configuration is checked against the paper
 
 
@@ -145,17 +146,51 @@ def test_bert_base_reproduces_the_paper(bert_base):
 
 
 def test_flops_cli_json(capsys):
-    rc = bench_main(["flops", "--layers", "1", "--dim", "16", "--ffn", "32", "--heads", "2", "--vocab", "40",
-                     "--seq-len", "6", "--experts", "4", "--top-k", "2", "--json"])
+    rc = bench_main(
+        [
+            "flops",
+            "--layers",
+            "1",
+            "--dim",
+            "16",
+            "--ffn",
+            "32",
+            "--heads",
+            "2",
+            "--vocab",
+            "40",
+            "--seq-len",
+            "6",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["gflops"]["dense"] * 1e9 == pytest.approx(hand_bert(1, 16, 32, 2, 40, 6, 4, 2)["dense"], abs=0.5)
+    assert out["gflops"]["dense"] * 1e9 == pytest.approx(
+        hand_bert(1, 16, 32, 2, 40, 6, 4, 2)["dense"], abs=0.5
+    )
     assert out["preset"] is None
 
 
 def test_sweep_figure(tmp_path):
-    rows = [{"preset": p, "top_k": k, "experts": 32, "seq_len": 128, "dense": 10.0 * s, "moe": 10.0 * s * k, "meo": 10.1 * s, "meo_as_run": 11.0 * s}
-            for s, p in ((1, "bert-small"), (3, "bert-base")) for k in FL.SWEEP_K]
+    rows = [
+        {
+            "preset": p,
+            "top_k": k,
+            "experts": 32,
+            "seq_len": 128,
+            "dense": 10.0 * s,
+            "moe": 10.0 * s * k,
+            "meo": 10.1 * s,
+            "meo_as_run": 11.0 * s,
+        }
+        for s, p in ((1, "bert-small"), (3, "bert-base"))
+        for k in FL.SWEEP_K
+    ]
     path = tmp_path / "fig.png"
     FL.plot(rows, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -166,7 +201,9 @@ def test_sweep_counts_real_models():
     assert [r["top_k"] for r in rows] == [1, 2]
     spec = FL.PRESETS["bert-small"]
     for r in rows:
-        want = hand_bert(spec["layers"], spec["dim"], spec["ffn"], spec["heads"], FL.BERT_VOCAB, 8, 4, r["top_k"])
+        want = hand_bert(
+            spec["layers"], spec["dim"], spec["ffn"], spec["heads"], FL.BERT_VOCAB, 8, 4, r["top_k"]
+        )
         assert r["moe"] * 1e9 == pytest.approx(want["moe"], abs=1)
         assert r["meo"] * 1e9 == pytest.approx(want["meo"], abs=1)
 
@@ -217,7 +254,9 @@ def test_peak_memory_excludes_parameter_gradients():
 
 
 def test_run_shape_ratios_and_targets():
-    r = LY.run_shape(2, 4, 16, 32, 4, 2, repeats=1, device="cpu", dtype=torch.float32, variants=("meo",), memory=True)
+    r = LY.run_shape(
+        2, 4, 16, 32, 4, 2, repeats=1, device="cpu", dtype=torch.float32, variants=("meo",), memory=True
+    )
     res = r["results"]
     assert set(res) == {"dense", "meo"}
     assert res["dense"]["ratio"] == {"fwd": 1.0, "fwd_bwd": 1.0, "peak": 1.0, "saved": 1.0}
@@ -227,33 +266,70 @@ def test_run_shape_ratios_and_targets():
     d = res["dense"]
     assert f["fwd"] == pytest.approx(1 + f["read_ms"] / d["fwd_ms"])
     assert f["fwd_bwd"] == pytest.approx(1 + (2 * f["read_ms"] + f["write_ms"]) / d["fwd_bwd_ms"])
-    assert "MEO memory-traffic floor" in LY.table(r, dict(dim=16, ffn=32, experts=4, top_k=2, device="cpu", dtype="float32", repeats=1, clock="wall", threads=1))
-    fake = [{"batch": 16, "tokens": 128, "results": {"meo": {"ratio": {"fwd_bwd": 1.2, "fwd": 1.5, "peak": 1.0}, "floor": {"fwd": 1.1}}}}]
+    assert "MEO memory-traffic floor" in LY.table(
+        r,
+        dict(
+            dim=16,
+            ffn=32,
+            experts=4,
+            top_k=2,
+            device="cpu",
+            dtype="float32",
+            repeats=1,
+            clock="wall",
+            threads=1,
+        ),
+    )
+    fake = [
+        {
+            "batch": 16,
+            "tokens": 128,
+            "results": {"meo": {"ratio": {"fwd_bwd": 1.2, "fwd": 1.5, "peak": 1.0}, "floor": {"fwd": 1.1}}},
+        }
+    ]
     got = {(t["metric"], tuple(t["shape"])): (t["met"], t.get("floor")) for t in LY.check_targets(fake)}
-    assert got == {("fwd_bwd", (16, 128)): (True, None), ("fwd", (16, 128)): (False, 1.1), ("peak", (16, 128)): (True, None)}
+    assert got == {
+        ("fwd_bwd", (16, 128)): (True, None),
+        ("fwd", (16, 128)): (False, 1.1),
+        ("peak", (16, 128)): (True, None),
+    }
 
 
 # ---- model: log parsing and commands -----------------------------------------------------------
 
 
 def test_parse_fairseq_logs():
-    log = "\n".join([
-        "2024-01-01 | INFO | train_inner | epoch 001:     10 / 25 loss=9.1, wps=1000, ups=2, num_updates=10",
-        "2024-01-01 | INFO | train_inner | epoch 001:     20 / 25 loss=8.1, wps=3000, ups=2, num_updates=20",
-        "2024-01-01 | INFO | train_inner | epoch 002:     30 / 25 loss=7.1, wps=5000, ups=2, num_updates=30",
-        "2024-01-01 | INFO | train | epoch 001 | loss 8 | wps 1e+06",
-    ])
+    log = "\n".join(
+        [
+            "2024-01-01 | INFO | train_inner | epoch 001:     10 / 25 loss=9.1, wps=1000, ups=2, num_updates=10",
+            "2024-01-01 | INFO | train_inner | epoch 001:     20 / 25 loss=8.1, wps=3000, ups=2, num_updates=20",
+            "2024-01-01 | INFO | train_inner | epoch 002:     30 / 25 loss=7.1, wps=5000, ups=2, num_updates=30",
+            "2024-01-01 | INFO | train | epoch 001 | loss 8 | wps 1e+06",
+        ]
+    )
     w = MD.train_wps(log)
     assert w["wps"] == 4000 and w["wps_intervals"] == [1000, 3000, 5000]
-    g = MD.generate_speed("INFO | fairseq_cli.generate | Translated 1,020 sentences (61,200 tokens) in 12.5s (81.60 sentences/s, 4896.00 tokens/s)")
-    assert g == {"sentences": 1020, "gen_tokens": 61200, "gen_seconds": 12.5, "sentences_per_s": 81.6, "tokens_per_s": 4896.0}
+    g = MD.generate_speed(
+        "INFO | fairseq_cli.generate | Translated 1,020 sentences (61,200 tokens) in 12.5s (81.60 sentences/s, 4896.00 tokens/s)"
+    )
+    assert g == {
+        "sentences": 1020,
+        "gen_tokens": 61200,
+        "gen_seconds": 12.5,
+        "sentences_per_s": 81.6,
+        "tokens_per_s": 4896.0,
+    }
     with pytest.raises(MD.BenchmarkError):
         MD.train_wps("nothing here")
 
 
 def test_median_speed_of_repeated_generate_runs():
-    runs = [MD.generate_speed(f"Translated 10 sentences (600 tokens) in {t}s ({10 / t:.2f} sentences/s, {600 / t:.2f} tokens/s)")
-            for t in (2.0, 1.0, 4.0)]
+    runs = [
+        MD.generate_speed(
+            f"Translated 10 sentences (600 tokens) in {t}s ({10 / t:.2f} sentences/s, {600 / t:.2f} tokens/s)"
+        )
+        for t in (2.0, 1.0, 4.0)
+    ]
     m = MD.median_speed(runs)
     assert m["runs"] == [5.0, 10.0, 2.5]
     assert (m["sentences_per_s"], m["tokens_per_s"], m["gen_seconds"]) == (5.0, 300.0, 2.0)
@@ -263,8 +339,17 @@ def test_median_speed_of_repeated_generate_runs():
 def test_model_commands(tmp_path):
     import argparse
 
-    a = argparse.Namespace(experts=8, top_k=2, updates=20, log_interval=5, max_tokens=1024, cpu=True, gen_subset="test", gen_len=50,
-                           precision="fp32")
+    a = argparse.Namespace(
+        experts=8,
+        top_k=2,
+        updates=20,
+        log_interval=5,
+        max_tokens=1024,
+        cpu=True,
+        gen_subset="test",
+        gen_len=50,
+        precision="fp32",
+    )
     for task in ("xsum", "lm"):
         for mode in MD.MODES:
             cmd = [str(c) for c in MD.train_cmd(task, tmp_path, "some_arch", mode, a, tmp_path / "ck")]
@@ -277,8 +362,11 @@ def test_model_commands(tmp_path):
     assert MD.gen_setting(" 1 x 1") == (1, 1)
     # precisions: fp32 is fairseq's own train entry with no flag; bf16 goes through meo_fairseq.train
     # (fairseq-train --bf16 means --tpu); fp16 generates in fp16, bf16 in fp32
-    for precision, entry, flag, gen_flag in (("fp32", "fairseq_cli.train", None, None), ("bf16", "meo_fairseq.train", "--bf16", None),
-                                             ("fp16", "fairseq_cli.train", "--fp16", "--fp16")):
+    for precision, entry, flag, gen_flag in (
+        ("fp32", "fairseq_cli.train", None, None),
+        ("bf16", "meo_fairseq.train", "--bf16", None),
+        ("fp16", "fairseq_cli.train", "--fp16", "--fp16"),
+    ):
         a.precision = precision
         for task in ("xsum", "lm"):
             cmd = [str(c) for c in MD.train_cmd(task, tmp_path, "some_arch", "meo", a, tmp_path / "ck")]
@@ -292,15 +380,23 @@ def test_model_commands(tmp_path):
 
 
 def _row(task, mode, wps, gen):
-    return {"task": task, "arch": "a", "mode": mode, "wps": wps,
-            "gen": {k: {"sentences_per_s": v, "tokens_per_s": 10 * v} for k, v in gen.items()}}
+    return {
+        "task": task,
+        "arch": "a",
+        "mode": mode,
+        "wps": wps,
+        "gen": {k: {"sentences_per_s": v, "tokens_per_s": 10 * v} for k, v in gen.items()},
+    }
 
 
 def test_model_targets_and_table():
-    rows = [_row("xsum", "dense", 1000, {"1x1": 10.0, "32x6": 4.0}),
-            _row("xsum", "moe", 500, {"1x1": 8.0, "32x6": 2.5}),
-            _row("xsum", "meo", 900, {"1x1": 8.9, "32x6": 2.0}),
-            _row("lm", "dense", 2000, {}), _row("lm", "meo", 1600, {})]
+    rows = [
+        _row("xsum", "dense", 1000, {"1x1": 10.0, "32x6": 4.0}),
+        _row("xsum", "moe", 500, {"1x1": 8.0, "32x6": 2.5}),
+        _row("xsum", "meo", 900, {"1x1": 8.9, "32x6": 2.0}),
+        _row("lm", "dense", 2000, {}),
+        _row("lm", "meo", 1600, {}),
+    ]
     for r in rows:  # as run() does
         d = next(x for x in rows if x["task"] == r["task"] and x["mode"] == "dense")
         r["ratio"] = {"wps": r["wps"] / d["wps"]}
@@ -327,7 +423,9 @@ def test_main_usage(capsys):
 
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("sparse", [True, False])
-@pytest.mark.parametrize("block", [(1, 1), (8 * 5 * 8, 2), (2**30, 128)])  # (MERGE_BLOCK_BYTES, MERGE_MIN_ROWS)
+@pytest.mark.parametrize(
+    "block", [(1, 1), (8 * 5 * 8, 2), (2**30, 128)]
+)  # (MERGE_BLOCK_BYTES, MERGE_MIN_ROWS)
 def test_blocked_merged_linear_matches_vanilla_moe(monkeypatch, groups, sparse, block):
     from meo_fairseq.modules import merge as M
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_utils import ADAM, LM_COMMON, MOE_SMALL, REPO, TIMEOUT, USER_DIR, env, finite, free_port, train_inner
 
 MAX_UPDATE = 4
@@ -26,17 +25,42 @@ def two_ranks(lm_bin, tmp_path_factory):
     procs = []
     for rank in range(WORLD):
         args = [
-            lm_bin, "--user-dir", USER_DIR,
-            "--arch", "meo_transformer_lm_tiny", "--criterion", "moe_cross_entropy",
-            "--moe-mode", "meo", "--moe-level", "sequence", *MOE_SMALL, "--moe-segment-length", "16",
-            *LM_COMMON, *ADAM, "--max-update", MAX_UPDATE, "--no-save",
-            "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
-            "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
-            "--distributed-rank", rank, "--distributed-world-size", WORLD,
+            lm_bin,
+            "--user-dir",
+            USER_DIR,
+            "--arch",
+            "meo_transformer_lm_tiny",
+            "--criterion",
+            "moe_cross_entropy",
+            "--moe-mode",
+            "meo",
+            "--moe-level",
+            "sequence",
+            *MOE_SMALL,
+            "--moe-segment-length",
+            "16",
+            *LM_COMMON,
+            *ADAM,
+            "--max-update",
+            MAX_UPDATE,
+            "--no-save",
+            "--distributed-backend",
+            "gloo",
+            "--ddp-backend",
+            "legacy_ddp",
+            "--distributed-init-method",
+            f"tcp://127.0.0.1:{port}",
+            "--distributed-no-spawn",
+            "--distributed-rank",
+            rank,
+            "--distributed-world-size",
+            WORLD,
         ]
         cmd = [sys.executable, str(REPO / "tests" / "dist_train_driver.py"), str(out), *map(str, args)]
         log = open(out / f"rank{rank}.log", "w")
-        procs.append((cmd, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=str(out))))
+        procs.append(
+            (cmd, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=str(out)))
+        )
     try:
         # wait for both; when one rank fails, the other would block in a collective: stop it
         start, failed_at = time.time(), None
@@ -78,7 +102,9 @@ def test_two_process_training_ends_with_identical_parameters(two_ranks):
     assert any("experts.weight" in k for k in fin0)
     for k in fin0:
         assert torch.equal(init0[k], init1[k]), f"ranks start from different values of {k}"
-        assert torch.equal(fin0[k], fin1[k]), f"ranks end with different values of {k}: max diff {(fin0[k].float() - fin1[k].float()).abs().max()}"
+        assert torch.equal(fin0[k], fin1[k]), (
+            f"ranks end with different values of {k}: max diff {(fin0[k].float() - fin1[k].float()).abs().max()}"
+        )
     changed = [k for k in fin0 if fin0[k].is_floating_point() and not torch.equal(fin0[k], init0[k])]
     # every trained tensor moved (embeddings, attention, experts, routers)
     assert any("experts.weight" in k for k in changed)

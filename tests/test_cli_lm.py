@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_utils import (
     ADAM,
     LM_COMMON,
-    REPO,
     MOE_SMALL,
+    REPO,
     SGD_LR0,
     USER_DIR,
     EvalLM,
@@ -45,14 +44,44 @@ LM_RUNS = {
     "dense": ["--moe-mode", "dense"],
     "moe_token": ["--moe-mode", "moe", "--moe-level", "token", *MOE_SMALL, "--no-moe-gate-noise"],
     "moe_sequence_ffn": [
-        "--moe-mode", "moe", "--moe-level", "sequence", "--moe-expert-unit", "ffn", *MOE_SMALL,
-        "--moe-decoder-routing", "segment", "--moe-segment-length", "16",
-        "--moe-balance-loss", "switch", "--moe-z-loss-weight", "0.001",
+        "--moe-mode",
+        "moe",
+        "--moe-level",
+        "sequence",
+        "--moe-expert-unit",
+        "ffn",
+        *MOE_SMALL,
+        "--moe-decoder-routing",
+        "segment",
+        "--moe-segment-length",
+        "16",
+        "--moe-balance-loss",
+        "switch",
+        "--moe-z-loss-weight",
+        "0.001",
     ],
-    "meo_sequence": ["--moe-mode", "meo", "--moe-level", "sequence", *MOE_SMALL, "--moe-segment-length", "16"],
+    "meo_sequence": [
+        "--moe-mode",
+        "meo",
+        "--moe-level",
+        "sequence",
+        *MOE_SMALL,
+        "--moe-segment-length",
+        "16",
+    ],
     "meo_token_prefix_ffn": [
-        "--moe-mode", "meo", "--moe-level", "token", "--moe-expert-unit", "ffn", *MOE_SMALL,
-        "--moe-decoder-routing", "prefix", "--moe-prefix-length", "24", "--moe-gate-noise",
+        "--moe-mode",
+        "meo",
+        "--moe-level",
+        "token",
+        "--moe-expert-unit",
+        "ffn",
+        *MOE_SMALL,
+        "--moe-decoder-routing",
+        "prefix",
+        "--moe-prefix-length",
+        "24",
+        "--moe-gate-noise",
     ],
 }
 
@@ -70,9 +99,22 @@ class Trained:
 
 def eval_lm_cmd(data_bin, checkpoint, *extra):
     return [
-        data_bin, "--user-dir", USER_DIR, "--path", checkpoint, "--gen-subset", "test",
-        "--tokens-per-sample", "64", "--max-tokens", "2048", "--cpu", "--num-workers", "0",
-        "--output-word-probs", *extra,
+        data_bin,
+        "--user-dir",
+        USER_DIR,
+        "--path",
+        checkpoint,
+        "--gen-subset",
+        "test",
+        "--tokens-per-sample",
+        "64",
+        "--max-tokens",
+        "2048",
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--output-word-probs",
+        *extra,
     ]
 
 
@@ -84,9 +126,22 @@ def evaluate(data_bin, checkpoint, *extra) -> EvalLM:
 
 # fairseq's own `transformer_lm` at the sizes of meo_transformer_lm_tiny (the upcycling source)
 TRANSFORMER_LM = [
-    "--arch", "transformer_lm", "--criterion", "cross_entropy",
-    "--decoder-embed-dim", "64", "--decoder-input-dim", "64", "--decoder-output-dim", "64",
-    "--decoder-ffn-embed-dim", "256", "--decoder-layers", "2", "--decoder-attention-heads", "4",
+    "--arch",
+    "transformer_lm",
+    "--criterion",
+    "cross_entropy",
+    "--decoder-embed-dim",
+    "64",
+    "--decoder-input-dim",
+    "64",
+    "--decoder-output-dim",
+    "64",
+    "--decoder-ffn-embed-dim",
+    "256",
+    "--decoder-layers",
+    "2",
+    "--decoder-attention-heads",
+    "4",
 ]
 
 
@@ -126,7 +181,7 @@ def test_lm_train_and_eval(lm_bin, lm_models, name):
     # eval-lm on the test split: finite and far below the uniform log2(V)
     assert finite(t.ev.loss) and t.ev.loss < uniform - 2.0, (t.ev, uniform)
     assert abs(t.ev.precise_loss - t.ev.loss) < 6e-5, t.ev  # the word-prob parse matches the summary
-    assert t.ev.ppl == pytest.approx(2 ** t.ev.loss, rel=1e-3)
+    assert t.ev.ppl == pytest.approx(2**t.ev.loss, rel=1e-3)
 
     if name == "dense":
         assert not any(k.startswith("moe_") for k in rows[-1]), rows[-1]
@@ -152,11 +207,17 @@ def test_lm_train_and_eval(lm_bin, lm_models, name):
 
 def test_meo_checkpoint_evaluated_as_moe_gives_the_same_loss(lm_bin, lm_models):
     t = lm_models["meo_sequence"]
-    as_moe, top1 = parallel([
-        partial(evaluate, lm_bin, t.checkpoint, "--model-overrides", "{'moe_mode': 'moe'}"),
-        partial(evaluate, lm_bin, t.checkpoint, "--model-overrides", "{'moe_mode': 'moe', 'moe_top_k': 1}"),
-    ])
-    print(f"eval-lm loss: MEO {t.ev.precise_loss:.6f} ({t.ev.loss}), MEO-as-MoE {as_moe.precise_loss:.6f} ({as_moe.loss})")
+    as_moe, top1 = parallel(
+        [
+            partial(evaluate, lm_bin, t.checkpoint, "--model-overrides", "{'moe_mode': 'moe'}"),
+            partial(
+                evaluate, lm_bin, t.checkpoint, "--model-overrides", "{'moe_mode': 'moe', 'moe_top_k': 1}"
+            ),
+        ]
+    )
+    print(
+        f"eval-lm loss: MEO {t.ev.precise_loss:.6f} ({t.ev.loss}), MEO-as-MoE {as_moe.precise_loss:.6f} ({as_moe.loss})"
+    )
     assert abs(as_moe.precise_loss - t.ev.precise_loss) < 1e-3, (t.ev, as_moe)
     assert abs(as_moe.loss - t.ev.loss) < 1e-3
     # the override does reach the model: top-1 routing changes the function
@@ -168,38 +229,68 @@ def test_meo_checkpoint_evaluated_as_moe_gives_the_same_loss(lm_bin, lm_models):
 UPCYCLE = {
     "meo": ["--moe-mode", "meo", "--moe-level", "sequence", "--moe-segment-length", "16"],
     "moe_token": ["--moe-mode", "moe", "--moe-level", "token"],
-    "meo_token_compressed": ["--moe-mode", "meo", "--moe-level", "token", "--moe-segment-length", "16", "--moe-compressed-experts", "1"],
+    "meo_token_compressed": [
+        "--moe-mode",
+        "meo",
+        "--moe-level",
+        "token",
+        "--moe-segment-length",
+        "16",
+        "--moe-compressed-experts",
+        "1",
+    ],
 }
 
 
 def upcycle(lm_bin, dense_ckpt, save, moe_args):
     """Build the expert model from the dense checkpoint, train 1 update at lr 0, evaluate."""
-    args = [lm_bin, "--user-dir", USER_DIR, *ARCH, *moe_args, *MOE_SMALL, *LM_COMMON, *SGD_LR0,
-            "--max-update", 1, "--save-dir", save, "--disable-validation", "--moe-upcycle-from", dense_ckpt]
+    args = [
+        lm_bin,
+        "--user-dir",
+        USER_DIR,
+        *ARCH,
+        *moe_args,
+        *MOE_SMALL,
+        *LM_COMMON,
+        *SGD_LR0,
+        "--max-update",
+        1,
+        "--save-dir",
+        save,
+        "--disable-validation",
+        "--moe-upcycle-from",
+        dense_ckpt,
+    ]
     log = run("train", args).log
     return log, evaluate(lm_bin, save / "checkpoint_last.pt")
 
 
 @pytest.fixture(scope="module")
 def upcycled(lm_bin, lm_models, tmp_path_factory):
-    """"<source>-><target>" -> (dense Trained, training log, EvalLM of the upcycled model)."""
+    """ "<source>-><target>" -> (dense Trained, training log, EvalLM of the upcycled model)."""
     root = tmp_path_factory.mktemp("upcycle")
     jobs = {f"transformer_lm->{n}": ("transformer_lm", opts) for n, opts in UPCYCLE.items()}
     jobs["plugin_dense->meo"] = ("dense", UPCYCLE["meo"])
-    results = parallel([
-        partial(upcycle, lm_bin, lm_models[src].checkpoint, root / re.sub(r"\W", "_", name), opts)
-        for name, (src, opts) in jobs.items()
-    ])
+    results = parallel(
+        [
+            partial(upcycle, lm_bin, lm_models[src].checkpoint, root / re.sub(r"\W", "_", name), opts)
+            for name, (src, opts) in jobs.items()
+        ]
+    )
     return {name: (lm_models[src], *res) for (name, (src, _)), res in zip(jobs.items(), results)}
 
 
 @pytest.mark.parametrize("name", [f"transformer_lm->{n}" for n in UPCYCLE] + ["plugin_dense->meo"])
 def test_upcycled_model_computes_the_dense_function(upcycled, name):
     dense, log, up = upcycled[name]
-    assert re.search(r"upcycled 2 expert FFNs and copied \d+ tensors from " + re.escape(str(dense.checkpoint)), log), log[-3000:]
+    assert re.search(
+        r"upcycled 2 expert FFNs and copied \d+ tensors from " + re.escape(str(dense.checkpoint)), log
+    ), log[-3000:]
     rows = train_inner(log)
     assert [r["num_updates"] for r in rows] == [1] and "moe_balance" in rows[0], rows
-    print(f"eval-lm loss: dense {dense.ev.precise_loss:.6f} ({dense.ev.loss}), upcycled {name} at update 0 {up.precise_loss:.6f} ({up.loss})")
+    print(
+        f"eval-lm loss: dense {dense.ev.precise_loss:.6f} ({dense.ev.loss}), upcycled {name} at update 0 {up.precise_loss:.6f} ({up.loss})"
+    )
     assert abs(up.precise_loss - dense.ev.precise_loss) < 1e-4, (dense.ev, up)
     assert up.loss == pytest.approx(dense.ev.loss, abs=1.5e-4)
 
@@ -208,10 +299,19 @@ def test_upcycled_model_computes_the_dense_function(upcycled, name):
 
 BAD = {
     "top_k_above_experts": (["--moe-mode", "meo", "--moe-experts", "4", "--moe-top-k", "5"], "--moe-top-k"),
-    "compressed_not_below_top_k": (["--moe-mode", "meo", "--moe-level", "token", *MOE_SMALL, "--moe-compressed-experts", "2"], "--moe-compressed-experts"),
-    "encoder_routing_in_lm": (["--moe-mode", "meo", *MOE_SMALL, "--moe-decoder-routing", "encoder"], "--moe-decoder-routing"),
+    "compressed_not_below_top_k": (
+        ["--moe-mode", "meo", "--moe-level", "token", *MOE_SMALL, "--moe-compressed-experts", "2"],
+        "--moe-compressed-experts",
+    ),
+    "encoder_routing_in_lm": (
+        ["--moe-mode", "meo", *MOE_SMALL, "--moe-decoder-routing", "encoder"],
+        "--moe-decoder-routing",
+    ),
     "unknown_mode": (["--moe-mode", "bogus", *MOE_SMALL], "--moe-mode"),
-    "upcycle_shape_mismatch": (["--moe-mode", "meo", *MOE_SMALL, "--decoder-ffn-embed-dim", "128"], "--moe-upcycle-from"),
+    "upcycle_shape_mismatch": (
+        ["--moe-mode", "meo", *MOE_SMALL, "--decoder-ffn-embed-dim", "128"],
+        "--moe-upcycle-from",
+    ),
     "upcycle_missing_file": (["--moe-mode", "meo", *MOE_SMALL], "--moe-upcycle-from"),
 }
 
@@ -228,8 +328,20 @@ def bad_runs(lm_bin, lm_models, tmp_path_factory):
             extra = ["--moe-upcycle-from", lm_models["transformer_lm"].checkpoint]
         elif name == "upcycle_missing_file":
             extra = ["--moe-upcycle-from", missing]
-        args = [lm_bin, "--user-dir", USER_DIR, *ARCH, *opts, *extra, *LM_COMMON, *ADAM,
-                "--max-update", 1, "--save-dir", root / name]
+        args = [
+            lm_bin,
+            "--user-dir",
+            USER_DIR,
+            *ARCH,
+            *opts,
+            *extra,
+            *LM_COMMON,
+            *ADAM,
+            "--max-update",
+            1,
+            "--save-dir",
+            root / name,
+        ]
         jobs.append(("train", args))
         names.append(name)
     return dict(zip(names, run_many(jobs))), missing
@@ -266,8 +378,21 @@ def test_bad_option_fails_at_model_build(bad_runs, name):
 def test_resume_after_sigkill(lm_bin, tmp_path):
     save = tmp_path / "ckpt"
     max_update = 20
-    args = [lm_bin, "--user-dir", USER_DIR, *ARCH, *LM_RUNS["meo_sequence"], *LM_COMMON, *ADAM,
-            "--max-update", max_update, "--save-interval-updates", 5, "--save-dir", save]
+    args = [
+        lm_bin,
+        "--user-dir",
+        USER_DIR,
+        *ARCH,
+        *LM_RUNS["meo_sequence"],
+        *LM_COMMON,
+        *ADAM,
+        "--max-update",
+        max_update,
+        "--save-interval-updates",
+        5,
+        "--save-dir",
+        save,
+    ]
     last = save / "checkpoint_last.pt"
 
     def saved(text):  # the "Saved checkpoint" line is logged after checkpoint_last.pt is written
@@ -287,7 +412,9 @@ def test_resume_after_sigkill(lm_bin, tmp_path):
     assert m, log2[-3000:]
     assert Path(m.group(1)).resolve() == last.resolve() and int(m.group(2)) == saved_updates, m.group(0)
     rows = train_inner(log2)
-    assert [r["num_updates"] for r in rows] == list(range(saved_updates + 1, max_update + 1)), [r["num_updates"] for r in rows]
+    assert [r["num_updates"] for r in rows] == list(range(saved_updates + 1, max_update + 1)), [
+        r["num_updates"] for r in rows
+    ]
     # the weights were restored too: the first resumed loss is far below a fresh model's
     assert rows[0]["loss"] < first_rows[0]["loss"] - 1.0, (rows[0], first_rows[0])
     assert f"Stopping training due to num_updates: {max_update} >= max_update: {max_update}" in log2
@@ -300,8 +427,20 @@ def test_resume_after_sigkill(lm_bin, tmp_path):
 def test_bf16_training_entry_point(lm_bin, tmp_path):
     """fairseq-train takes --bf16 for --tpu and fails without torch_xla; meo_fairseq.train runs
     the same options as fairseq's own training, in bfloat16 (here on the CPU)."""
-    args = [lm_bin, "--user-dir", USER_DIR, *ARCH, *LM_RUNS["meo_sequence"], *LM_COMMON, *ADAM, "--bf16",
-            "--max-update", 4, "--save-dir", tmp_path / "ckpt"]
+    args = [
+        lm_bin,
+        "--user-dir",
+        USER_DIR,
+        *ARCH,
+        *LM_RUNS["meo_sequence"],
+        *LM_COMMON,
+        *ADAM,
+        "--bf16",
+        "--max-update",
+        4,
+        "--save-dir",
+        tmp_path / "ckpt",
+    ]
     plain = run("train", args, cwd=REPO, check=False)
     assert plain.returncode != 0 and "xla" in plain.stderr
     rows = train_inner(run("meo_fairseq.train", args, cwd=REPO).log)

@@ -11,7 +11,6 @@ import re
 from functools import partial
 
 import pytest
-
 from cli_utils import (
     ADAM,
     SGD_LR0,
@@ -32,22 +31,66 @@ MAX_UPDATE = 20
 N_TEST = 20  # lines of tests/data/xsum/test.jsonl
 N_VALID = 20
 COMMON = [
-    "--task", "translation", "--source-lang", "src", "--target-lang", "tgt",
-    "--max-tokens", "1024", "--cpu", "--num-workers", "0", "--seed", "1",
-    "--log-format", "simple", "--log-interval", "1", "--no-epoch-checkpoints",
+    "--task",
+    "translation",
+    "--source-lang",
+    "src",
+    "--target-lang",
+    "tgt",
+    "--max-tokens",
+    "1024",
+    "--cpu",
+    "--num-workers",
+    "0",
+    "--seed",
+    "1",
+    "--log-format",
+    "simple",
+    "--log-interval",
+    "1",
+    "--no-epoch-checkpoints",
 ]
 LS = ["--label-smoothing", "0.1"]
-MOE = ["--user-dir", USER_DIR, "--arch", "meo_transformer_tiny", "--criterion", "moe_label_smoothed_cross_entropy", *LS,
-       "--moe-experts", "4", "--moe-top-k", "2"]
+MOE = [
+    "--user-dir",
+    USER_DIR,
+    "--arch",
+    "meo_transformer_tiny",
+    "--criterion",
+    "moe_label_smoothed_cross_entropy",
+    *LS,
+    "--moe-experts",
+    "4",
+    "--moe-top-k",
+    "2",
+]
 MODELS = {
     # sequence-level MEO: encoder layers route on the source mean, decoder layers on the encoder output
     "meo": [*MOE, "--moe-mode", "meo", "--moe-level", "sequence"],
     "moe_token": [*MOE, "--moe-mode", "moe", "--moe-level", "token"],
     # fairseq's own transformer at the sizes of meo_transformer_tiny (the upcycling source)
     "transformer": [
-        "--arch", "transformer", "--criterion", "label_smoothed_cross_entropy", *LS,
-        "--encoder-embed-dim", "64", "--encoder-ffn-embed-dim", "256", "--encoder-layers", "2", "--encoder-attention-heads", "4",
-        "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "256", "--decoder-layers", "2", "--decoder-attention-heads", "4",
+        "--arch",
+        "transformer",
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        *LS,
+        "--encoder-embed-dim",
+        "64",
+        "--encoder-ffn-embed-dim",
+        "256",
+        "--encoder-layers",
+        "2",
+        "--encoder-attention-heads",
+        "4",
+        "--decoder-embed-dim",
+        "64",
+        "--decoder-ffn-embed-dim",
+        "256",
+        "--decoder-layers",
+        "2",
+        "--decoder-attention-heads",
+        "4",
     ],
 }
 # fairseq drops a final batch smaller than --required-batch-size-multiple (default 8): with
@@ -72,18 +115,33 @@ def s2s_models(s2s):
 
     def train(name):
         save = root / name
-        log = run("train", [data_bin, *MODELS[name], *COMMON, *ADAM, "--max-update", MAX_UPDATE, "--save-dir", save]).log
+        log = run(
+            "train", [data_bin, *MODELS[name], *COMMON, *ADAM, "--max-update", MAX_UPDATE, "--save-dir", save]
+        ).log
         return save / "checkpoint_last.pt", log
 
     return dict(zip(MODELS, parallel([partial(train, n) for n in MODELS])))
 
 
 def generate(data_bin, ckpt, *extra):
-    return run("generate", [data_bin, "--user-dir", USER_DIR, "--path", ckpt, "--cpu", *ALL_IN_ONE_BATCH, *extra]).log
+    return run(
+        "generate", [data_bin, "--user-dir", USER_DIR, "--path", ckpt, "--cpu", *ALL_IN_ONE_BATCH, *extra]
+    ).log
 
 
 def upcycle_and_score(data_bin, dense_ckpt, save):
-    args = [data_bin, *MODELS["meo"], *COMMON, *SGD_LR0, "--max-update", 1, "--save-dir", save, "--moe-upcycle-from", dense_ckpt]
+    args = [
+        data_bin,
+        *MODELS["meo"],
+        *COMMON,
+        *SGD_LR0,
+        "--max-update",
+        1,
+        "--save-dir",
+        save,
+        "--moe-upcycle-from",
+        dense_ckpt,
+    ]
     log = run("train", args).log
     return log, generate(data_bin, save / "checkpoint_last.pt", "--gen-subset", "valid", "--score-reference")
 
@@ -96,18 +154,48 @@ def s2s_outputs(s2s, s2s_models):
     lines = (root / "text" / "test.src").read_text().splitlines()[:INTERACTIVE_INPUTS]
     jobs = {
         "generate:meo": partial(generate, data_bin, meo, "--gen-subset", "test", "--beam", "4", *MAX_LEN),
-        "generate:moe_token": partial(generate, data_bin, s2s_models["moe_token"][0], "--gen-subset", "test", "--beam", "4", *MAX_LEN),
+        "generate:moe_token": partial(
+            generate, data_bin, s2s_models["moe_token"][0], "--gen-subset", "test", "--beam", "4", *MAX_LEN
+        ),
         "score_reference:meo": partial(generate, data_bin, meo, "--gen-subset", "test", "--score-reference"),
         "score_reference:meo_as_moe": partial(
-            generate, data_bin, meo, "--gen-subset", "test", "--score-reference", "--model-overrides", "{'moe_mode': 'moe'}"
+            generate,
+            data_bin,
+            meo,
+            "--gen-subset",
+            "test",
+            "--score-reference",
+            "--model-overrides",
+            "{'moe_mode': 'moe'}",
         ),
-        "interactive:meo": lambda: run(
-            "interactive",
-            [data_bin, "--user-dir", USER_DIR, "--path", meo, "--source-lang", "src", "--target-lang", "tgt",
-             "--beam", "4", *MAX_LEN, "--buffer-size", INTERACTIVE_INPUTS, "--batch-size", INTERACTIVE_INPUTS, "--cpu"],
-            input="\n".join(lines) + "\n",
-        ).log,
-        "score_reference:transformer": partial(generate, data_bin, s2s_models["transformer"][0], "--gen-subset", "valid", "--score-reference"),
+        "interactive:meo": lambda: (
+            run(
+                "interactive",
+                [
+                    data_bin,
+                    "--user-dir",
+                    USER_DIR,
+                    "--path",
+                    meo,
+                    "--source-lang",
+                    "src",
+                    "--target-lang",
+                    "tgt",
+                    "--beam",
+                    "4",
+                    *MAX_LEN,
+                    "--buffer-size",
+                    INTERACTIVE_INPUTS,
+                    "--batch-size",
+                    INTERACTIVE_INPUTS,
+                    "--cpu",
+                ],
+                input="\n".join(lines) + "\n",
+            ).log
+        ),
+        "score_reference:transformer": partial(
+            generate, data_bin, s2s_models["transformer"][0], "--gen-subset", "valid", "--score-reference"
+        ),
         "upcycle": partial(upcycle_and_score, data_bin, s2s_models["transformer"][0], root / "upcycled"),
     }
     out = dict(zip(jobs, parallel(list(jobs.values()))))
@@ -130,7 +218,10 @@ def test_seq2seq_training(s2s, s2s_models, name):
             assert finite(r[key]), (key, r)
         assert 0.25 - 1e-3 <= r["moe_max_frac"] <= 1 and 0 <= r["moe_entropy"] <= math.log(4) + 1e-3, r
     valid = valid_stats(log)[-1]
-    assert valid["num_updates"] == MAX_UPDATE and finite(valid["loss"]) and valid["loss"] < uniform - 2, (valid, uniform)
+    assert valid["num_updates"] == MAX_UPDATE and finite(valid["loss"]) and valid["loss"] < uniform - 2, (
+        valid,
+        uniform,
+    )
 
 
 @pytest.mark.parametrize("name", ["meo", "moe_token"])
@@ -176,7 +267,10 @@ def test_interactive(s2s_outputs):
     for i, line in enumerate(lines):
         # words outside the dictionary show as <unk>; the others are the input's
         shown, given = srcs[i].split(), line.split()
-        assert len(shown) == len(given) and all(s in (g, "<unk>") for s, g in zip(shown, given)), (shown, given)
+        assert len(shown) == len(given) and all(s in (g, "<unk>") for s, g in zip(shown, given)), (
+            shown,
+            given,
+        )
         assert finite(hyps[i][0]) and hyps[i][0] < 0
     # the same inputs decoded by fairseq-generate in a padded batch of 20 give the same output
     batch = hypotheses(s2s_outputs["generate:meo"])
@@ -194,7 +288,9 @@ def test_upcycle_from_fairseq_transformer(s2s_models, s2s_outputs):
     up = hypotheses(up_scored)
     assert sorted(dense) == sorted(up) == list(range(N_VALID))
     diff = max(abs(dense[i][0] - up[i][0]) for i in dense)
-    print(f"score-reference, dense transformer vs upcycled meo_transformer_tiny at update 0: max difference {diff:.2e}")
+    print(
+        f"score-reference, dense transformer vs upcycled meo_transformer_tiny at update 0: max difference {diff:.2e}"
+    )
     assert diff < 1e-4, diff
     # the validation that ends each training run: same loss and nll_loss
     dense_valid = valid_stats(s2s_models["transformer"][1])[-1]

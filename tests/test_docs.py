@@ -39,7 +39,9 @@ DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in REPO.glob("exampl
 NEEDS_NETWORK = "downloads the data or a model (no network in tests)"
 FULL_DATA = "needs the full data set or a full-size dense checkpoint (upcycling is tested in test_recipes.py)"
 GPUS = "launches on GPUs"
-GLUE_DATA = "needs the GLUE download and roberta.base (no network in tests); the QNLI-sample block runs these scripts"
+GLUE_DATA = (
+    "needs the GLUE download and roberta.base (no network in tests); the QNLI-sample block runs these scripts"
+)
 SETUP = "sets up an environment (.ci/run runs the test command itself)"
 
 # (file, a piece of the block's text; "\n" matches its start and end too) -> kind or ("skip", reason). Within a file, smoke blocks run first, then
@@ -267,7 +269,9 @@ def check_outputs(doc, root):
     elif doc == "examples/glue/README.md":
         scores = json.loads((root / "eval/qnli-1/glue.json").read_text())
         # every dev pair of the QNLI sample scored (accuracy itself is checked in test_glue.py)
-        assert scores["task"] == "QNLI" and scores["examples"] == 200 and 0 <= scores["accuracy"] <= 100, scores
+        assert scores["task"] == "QNLI" and scores["examples"] == 200 and 0 <= scores["accuracy"] <= 100, (
+            scores
+        )
     elif doc == "examples/squad/README.md":
         for out in ("results/squad-meo", "tmp/squad-eval"):
             assert json.loads((root / out / "squad.json").read_text())["num_questions"] == 30, out

@@ -37,7 +37,9 @@ def test_eval_lm_too_long_context_fails_loudly(lm_bin, lm_checkpoint):
     ])  # fmt: skip
     for res, flag in ((default, 1024), (longer, 2 * TPS), (window, TPS + 16)):
         assert res.returncode != 0, res.describe()
-        assert f"--tokens-per-sample {flag}:" in res.log and f"pass --tokens-per-sample {TPS}" in res.log, res.describe()
+        assert f"--tokens-per-sample {flag}:" in res.log and f"pass --tokens-per-sample {TPS}" in res.log, (
+            res.describe()
+        )
         assert "Perplexity" not in res.log
 
 

@@ -64,12 +64,21 @@ def run_script(name, *args, timeout=300):
 
 
 def fairseq_train(*args):
-    cmd = [sys.executable, "-m", "fairseq_cli.train", *map(str, args), "--user-dir", str(REPO / "meo_fairseq")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fairseq_cli.train",
+        *map(str, args),
+        "--user-dir",
+        str(REPO / "meo_fairseq"),
+    ]
     return ok(subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=str(REPO), timeout=300))
 
 
 def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -115,7 +124,9 @@ def dense_roberta(work, enwiki):
     """A tiny dense fairseq `roberta` after 40 masked-LM updates (the model to upcycle; the same run
     as examples/glue/README.md's)."""
     save = work / "dense"
-    fairseq_train(enwiki, *MLM, *TINY_DENSE, "--criterion", "masked_lm", "--max-update", 40, "--save-dir", save)
+    fairseq_train(
+        enwiki, *MLM, *TINY_DENSE, "--criterion", "masked_lm", "--max-update", 40, "--save-dir", save
+    )
     return save / "checkpoint_last.pt"
 
 
@@ -140,7 +151,12 @@ def test_architectures_mirror_roberta_defaults():
     tiny = _arch(M.meo_roberta_tiny)
 
     def sized(ns):
-        ns.encoder_layers, ns.encoder_embed_dim, ns.encoder_ffn_embed_dim, ns.encoder_attention_heads = 2, 64, 256, 4
+        ns.encoder_layers, ns.encoder_embed_dim, ns.encoder_ffn_embed_dim, ns.encoder_attention_heads = (
+            2,
+            64,
+            256,
+            4,
+        )
         R.base_architecture(ns)
 
     assert tiny == _arch(sized)
@@ -190,7 +206,9 @@ def _tokens(n_vocab):
     return src
 
 
-@pytest.mark.parametrize("mode,level", [("meo", "token"), ("meo", "sequence"), ("moe", "token"), ("dense", "sequence")])
+@pytest.mark.parametrize(
+    "mode,level", [("meo", "token"), ("meo", "sequence"), ("moe", "token"), ("dense", "sequence")]
+)
 def test_upcycle_dense_roberta_exact(dense_roberta, enwiki, mode, level):
     """Masked-LM logits of the upcycled model equal the dense model's (before any update)."""
     from fairseq import checkpoint_utils
@@ -247,10 +265,14 @@ def test_upcycle_released_layout_with_heads(dense_roberta, qnli, work):
     state = torch.load(dense_roberta, map_location="cpu", weights_only=False)
     renamed = {}
     for k, v in state["model"].items():
-        k = "decoder" + k[len("encoder"):] if k.startswith("encoder.") else k
+        k = "decoder" + k[len("encoder") :] if k.startswith("encoder.") else k
         renamed[k.replace(".layernorm_embedding.", ".emb_layer_norm.")] = v
-    assert any(".emb_layer_norm." in k for k in renamed) and any(k.startswith("decoder.lm_head") for k in renamed)
-    renamed.update({f"classification_heads.sentence_classification_head.{k}": v for k, v in head.state_dict().items()})
+    assert any(".emb_layer_norm." in k for k in renamed) and any(
+        k.startswith("decoder.lm_head") for k in renamed
+    )
+    renamed.update(
+        {f"classification_heads.sentence_classification_head.{k}": v for k, v in head.state_dict().items()}
+    )
     state["model"] = renamed
     released = work / "released_layout.pt"
     torch.save(state, released)
@@ -334,7 +356,9 @@ def test_stsb_regression(work, enwiki, meo_mlm):
 
 def test_every_task_name_accepted_and_bad_one_refused(tmp_path):
     for name in GLUE_NAMES + ("sst2", "stsb", "mnli", "cola"):
-        proc = run_script("train_glue.sh", "--task", name, "--data", tmp_path, "--save-dir", tmp_path / "s", "--dry-run")
+        proc = run_script(
+            "train_glue.sh", "--task", name, "--data", tmp_path, "--save-dir", tmp_path / "s", "--dry-run"
+        )
         assert proc.returncode != 0 and "missing input0/dict.txt" in proc.stderr, proc.stderr
         proc = run_script("prepare_glue.sh", "--task", name, "--glue-dir", tmp_path, "--out", tmp_path / "o")
         assert proc.returncode != 0 and "train.tsv: file not found" in proc.stderr, proc.stderr
@@ -345,7 +369,9 @@ def test_every_task_name_accepted_and_bad_one_refused(tmp_path):
         ("eval_glue.sh", ["--data", tmp_path, "--checkpoint", tmp_path / "c.pt", "--out", tmp_path / "e"]),
     ):
         proc = run_script(script, "--task", "QNLII", *args)
-        assert proc.returncode == 2 and "unknown GLUE task 'QNLII'" in proc.stderr and valid in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "unknown GLUE task 'QNLII'" in proc.stderr and valid in proc.stderr, (
+            proc.stderr
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -386,7 +412,9 @@ def test_columns_of_every_task(tmp_path, name):
         (tmp_path / f"{stem}.tsv").write_text("\n".join(lines) + "\n")
         if t.num_classes == 1 and labelled:
             (tmp_path / f"{stem}.tsv").write_text("\n".join(lines).replace("c10", "3.5") + "\n")
-        inputs, labels, _ = G.read_split(str(tmp_path / f"{stem}.tsv"), t, labelled, dev=split.startswith("valid"))
+        inputs, labels, _ = G.read_split(
+            str(tmp_path / f"{stem}.tsv"), t, labelled, dev=split.startswith("valid")
+        )
         cols = t.inputs if labelled else t.test_inputs
         assert inputs == [[f"c{c + 1}"] * 2 for c in cols]
         if labelled:
@@ -414,7 +442,9 @@ def test_gpt2_bpe_encoding(tmp_path):
     raw = tmp_path / "glue"
     (raw / "QNLI").mkdir(parents=True)
     for name in ("train", "dev"):
-        (raw / "QNLI" / f"{name}.tsv").write_text("index\tquestion\tsentence\tlabel\n0\tWho is it?\tIt is tea.\tentailment\n")
+        (raw / "QNLI" / f"{name}.tsv").write_text(
+            "index\tquestion\tsentence\tlabel\n0\tWho is it?\tIt is tea.\tentailment\n"
+        )
     text = tmp_path / "text"
     text.mkdir()
     G.prepare_glue(str(raw), "qnli", str(text), str(tmp_path), "gpt2", encoder_json=str(tmp_path / "encoder.json"),

@@ -8,11 +8,22 @@ import math
 
 import pytest
 import torch
+from cli_utils import (
+    REPO,
+    USER_DIR,
+    eval_lm,
+    finite,
+    hypotheses,
+    preprocess_lm,
+    preprocess_seq2seq,
+    run,
+    train_inner,
+    write_seq2seq_text,
+)
 
+import meo_fairseq.modules.merge as M
 from meo_fairseq.benchmark.layers import build
 from meo_fairseq.modules import MoEConfig, Router
-import meo_fairseq.modules.merge as M
-from cli_utils import REPO, USER_DIR, eval_lm, finite, hypotheses, preprocess_lm, preprocess_seq2seq, run, train_inner, write_seq2seq_text
 from meo_fairseq.modules.merge import merged_linear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -42,8 +53,10 @@ def _merged_linear_run(device, x, gates, w, b, dy):
     return [y, x.grad, gates.grad, w.grad, b.grad]
 
 
-@pytest.mark.parametrize("groups,tokens,in_f,out_f,cuda_block", [(3, 5, 32, 48, None), (40, 6, 256, 512, None),
-                                                                  (40, 6, 256, 512, 2**20)])
+@pytest.mark.parametrize(
+    "groups,tokens,in_f,out_f,cuda_block",
+    [(3, 5, 32, 48, None), (40, 6, 256, 512, None), (40, 6, 256, 512, 2**20)],
+)
 def test_merged_linear_cuda_equals_cpu(monkeypatch, groups, tokens, in_f, out_f, cuda_block):
     """Both paths of MergedLinearFunction on the GPU (short, and blocked with a small
     MERGE_BLOCK_BYTES_CUDA) against the CPU: values and all four gradients."""
@@ -143,8 +156,18 @@ def test_expert_ffn_on_cuda_matches_fp32_cpu(variant, dtype, impl):
 @pytest.mark.parametrize("balance", ["cv", "none"])
 def test_fused_gating_on_cuda_equals_reference(balance):
     """The fused training gate (modules/gating.py) against the step-by-step router, on the GPU."""
-    cfg = MoEConfig(mode="meo", level="sequence", routing="sequence", experts=8, top_k=2, balance_loss=balance,
-                    z_loss_weight=1e-2, gate_noise=True, balance_weight=0.1, impl="blocked")
+    cfg = MoEConfig(
+        mode="meo",
+        level="sequence",
+        routing="sequence",
+        experts=8,
+        top_k=2,
+        balance_loss=balance,
+        z_loss_weight=1e-2,
+        gate_noise=True,
+        balance_weight=0.1,
+        impl="blocked",
+    )
     x = torch.randn(12, 16, generator=torch.Generator().manual_seed(0)).to(CUDA)
     mask = torch.tensor([True, False, True] * 4, device=CUDA)
     outs = []
@@ -213,20 +236,76 @@ def test_fairseq_lm_half_precision_on_gpu(tmp_path, precision):
     GPU and on the CPU to the same loss."""
     data = preprocess_lm(tmp_path / "bin")
     args = [
-        data, "--user-dir", USER_DIR, "--arch", "meo_transformer_lm_tiny", "--criterion", "moe_cross_entropy",
-        "--task", "language_modeling", "--tokens-per-sample", "64", "--max-tokens", "1024", precision,
-        "--num-workers", "0", "--seed", "1", "--log-format", "simple", "--log-interval", "1",
-        "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "fixed", "--max-update", UPDATES,
-        "--moe-mode", "meo", "--moe-experts", "4", "--moe-top-k", "2", "--moe-segment-length", "16",
-        "--save-dir", tmp_path / "ckpt", "--no-epoch-checkpoints",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "meo_transformer_lm_tiny",
+        "--criterion",
+        "moe_cross_entropy",
+        "--task",
+        "language_modeling",
+        "--tokens-per-sample",
+        "64",
+        "--max-tokens",
+        "1024",
+        precision,
+        "--num-workers",
+        "0",
+        "--seed",
+        "1",
+        "--log-format",
+        "simple",
+        "--log-interval",
+        "1",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.005",
+        "--lr-scheduler",
+        "fixed",
+        "--max-update",
+        UPDATES,
+        "--moe-mode",
+        "meo",
+        "--moe-experts",
+        "4",
+        "--moe-top-k",
+        "2",
+        "--moe-segment-length",
+        "16",
+        "--save-dir",
+        tmp_path / "ckpt",
+        "--no-epoch-checkpoints",
     ]
     # fairseq-train takes --bf16 for --tpu: bfloat16 trains through meo_fairseq.train
     rows = train_inner(run("meo_fairseq.train" if precision == "--bf16" else "train", args, cwd=REPO).log)
     assert rows[-1]["num_updates"] == UPDATES and all(finite(r["loss"]) for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
-    ev = [eval_lm(run("eval_lm", [data, "--user-dir", USER_DIR, "--path", tmp_path / "ckpt" / "checkpoint_last.pt",
-                                  "--gen-subset", "test", "--tokens-per-sample", "64", "--max-tokens", "2048",
-                                  "--num-workers", "0", *dev]).log) for dev in ([], ["--cpu"])]
+    ev = [
+        eval_lm(
+            run(
+                "eval_lm",
+                [
+                    data,
+                    "--user-dir",
+                    USER_DIR,
+                    "--path",
+                    tmp_path / "ckpt" / "checkpoint_last.pt",
+                    "--gen-subset",
+                    "test",
+                    "--tokens-per-sample",
+                    "64",
+                    "--max-tokens",
+                    "2048",
+                    "--num-workers",
+                    "0",
+                    *dev,
+                ],
+            ).log
+        )
+        for dev in ([], ["--cpu"])
+    ]
     assert ev[0].tokens == ev[1].tokens > 1000
     assert math.isfinite(ev[0].loss) and abs(ev[0].loss - ev[1].loss) < 1e-3
 
@@ -237,18 +316,72 @@ def test_fairseq_translation_fp16_generate_on_gpu(tmp_path):
     write_seq2seq_text(tmp_path / "text")
     data = preprocess_seq2seq(tmp_path / "text", tmp_path / "bin")
     args = [
-        data, "--user-dir", USER_DIR, "--arch", "meo_transformer_tiny", "--criterion", "moe_label_smoothed_cross_entropy",
-        "--label-smoothing", "0.1", "--task", "translation", "--source-lang", "src", "--target-lang", "tgt",
-        "--max-tokens", "1024", "--fp16", "--num-workers", "0", "--seed", "1", "--log-format", "simple",
-        "--log-interval", "1", "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "fixed",
-        "--max-update", UPDATES, "--moe-mode", "meo", "--moe-level", "sequence", "--moe-experts", "4",
-        "--moe-top-k", "2", "--save-dir", tmp_path / "ckpt", "--no-epoch-checkpoints",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "meo_transformer_tiny",
+        "--criterion",
+        "moe_label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        "--task",
+        "translation",
+        "--source-lang",
+        "src",
+        "--target-lang",
+        "tgt",
+        "--max-tokens",
+        "1024",
+        "--fp16",
+        "--num-workers",
+        "0",
+        "--seed",
+        "1",
+        "--log-format",
+        "simple",
+        "--log-interval",
+        "1",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.005",
+        "--lr-scheduler",
+        "fixed",
+        "--max-update",
+        UPDATES,
+        "--moe-mode",
+        "meo",
+        "--moe-level",
+        "sequence",
+        "--moe-experts",
+        "4",
+        "--moe-top-k",
+        "2",
+        "--save-dir",
+        tmp_path / "ckpt",
+        "--no-epoch-checkpoints",
     ]
     rows = train_inner(run("train", args).log)
     assert rows[-1]["num_updates"] == UPDATES and all(finite(r["loss"]) for r in rows)
-    gen = ["--user-dir", USER_DIR, "--path", tmp_path / "ckpt" / "checkpoint_last.pt", "--gen-subset", "valid",
-           "--beam", "4", "--batch-size", "32", "--required-batch-size-multiple", "1", "--max-len-a", "0",
-           "--max-len-b", "20"]
+    gen = [
+        "--user-dir",
+        USER_DIR,
+        "--path",
+        tmp_path / "ckpt" / "checkpoint_last.pt",
+        "--gen-subset",
+        "valid",
+        "--beam",
+        "4",
+        "--batch-size",
+        "32",
+        "--required-batch-size-multiple",
+        "1",
+        "--max-len-a",
+        "0",
+        "--max-len-b",
+        "20",
+    ]
     on_gpu = hypotheses(run("generate", [data, *gen]).log)
     on_gpu16 = hypotheses(run("generate", [data, *gen, "--fp16"]).log)
     on_cpu = hypotheses(run("generate", [data, *gen, "--cpu"]).log)

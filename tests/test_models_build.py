@@ -5,9 +5,9 @@ import logging
 import pytest
 import torch
 from fairseq import checkpoint_utils
+from test_models_incremental import build
 
 from meo_fairseq.models.upcycle import upcycle_from_checkpoint
-from test_models_incremental import build
 
 
 def _save(model, path, extra_row=False):
@@ -17,7 +17,16 @@ def _save(model, path, extra_row=False):
             if k.endswith("embed_tokens.weight") or k.endswith("output_projection.weight"):
                 state[k] = torch.cat([state[k], torch.randn(1, state[k].size(1))])
     checkpoint_utils.torch_persistent_save(
-        {"model": state, "args": None, "cfg": None, "optimizer_history": [{"criterion_name": "x", "optimizer_name": "x", "lr_scheduler_state": {}, "num_updates": 0}], "extra_state": {}, "last_optimizer_state": None},
+        {
+            "model": state,
+            "args": None,
+            "cfg": None,
+            "optimizer_history": [
+                {"criterion_name": "x", "optimizer_name": "x", "lr_scheduler_state": {}, "num_updates": 0}
+            ],
+            "extra_state": {},
+            "last_optimizer_state": None,
+        },
         str(path),
     )
 
@@ -33,7 +42,11 @@ def _outputs(model, d):
 def test_upcycle_drops_bart_mask_row_and_keeps_the_function(tmp_path):
     dense, d = build("meo_transformer_tiny", "translation", ["--moe-mode", "dense", "--share-all-embeddings"])
     _save(dense, tmp_path / "dense.pt", extra_row=True)
-    moe, _ = build("meo_transformer_tiny", "translation", ["--moe-experts", "4", "--moe-top-k", "2", "--share-all-embeddings"])
+    moe, _ = build(
+        "meo_transformer_tiny",
+        "translation",
+        ["--moe-experts", "4", "--moe-top-k", "2", "--share-all-embeddings"],
+    )
     before = _outputs(moe, d)
     upcycle_from_checkpoint(moe, str(tmp_path / "dense.pt"))
     after = _outputs(moe, d)
@@ -43,11 +56,19 @@ def test_upcycle_drops_bart_mask_row_and_keeps_the_function(tmp_path):
 
 def test_warning_when_segments_are_longer_than_samples(caplog):
     with caplog.at_level(logging.WARNING):
-        build("meo_transformer_lm_tiny", "language_modeling", ["--moe-segment-length", "64", "--tokens-per-sample", "32"])
+        build(
+            "meo_transformer_lm_tiny",
+            "language_modeling",
+            ["--moe-segment-length", "64", "--tokens-per-sample", "32"],
+        )
     assert "never route" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        build("meo_transformer_lm_tiny", "language_modeling", ["--moe-segment-length", "16", "--tokens-per-sample", "32"])
+        build(
+            "meo_transformer_lm_tiny",
+            "language_modeling",
+            ["--moe-segment-length", "16", "--tokens-per-sample", "32"],
+        )
     assert "never route" not in caplog.text
 
 
@@ -58,7 +79,11 @@ def test_upcycle_vocabulary_mismatch_names_the_dictionary(tmp_path):
         if k.endswith("embed_tokens.weight") or k.endswith("output_projection.weight"):
             state[k] = torch.cat([state[k], torch.randn(3, state[k].size(1))])  # 3 more words
     _save_state(state, tmp_path / "dense.pt")
-    moe, _ = build("meo_transformer_tiny", "translation", ["--moe-experts", "4", "--moe-top-k", "2", "--share-all-embeddings"])
+    moe, _ = build(
+        "meo_transformer_tiny",
+        "translation",
+        ["--moe-experts", "4", "--moe-top-k", "2", "--share-all-embeddings"],
+    )
     with pytest.raises(ValueError, match=r"the dictionaries differ \(\d+ entries in the checkpoint"):
         upcycle_from_checkpoint(moe, str(tmp_path / "dense.pt"))
 

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 from fairseq import models, options
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.data import Dictionary
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 import meo_fairseq  # noqa: F401  (registers the models)
 
@@ -74,9 +74,26 @@ SEQ2SEQ = [
 @pytest.mark.parametrize("mode,level,unit,routing", SEQ2SEQ)
 def test_seq2seq_incremental_equals_forward(mode, level, unit, routing, impl):
     extra = [
-        "--moe-mode", mode, "--moe-level", level, "--moe-expert-unit", unit, "--moe-experts", "4",
-        "--moe-top-k", "2", "--moe-decoder-routing", routing, "--moe-segment-length", "3",
-        "--moe-prefix-length", "4", "--moe-compressed-experts", "1", "--moe-impl", impl,
+        "--moe-mode",
+        mode,
+        "--moe-level",
+        level,
+        "--moe-expert-unit",
+        unit,
+        "--moe-experts",
+        "4",
+        "--moe-top-k",
+        "2",
+        "--moe-decoder-routing",
+        routing,
+        "--moe-segment-length",
+        "3",
+        "--moe-prefix-length",
+        "4",
+        "--moe-compressed-experts",
+        "1",
+        "--moe-impl",
+        impl,
     ]
     model, d = build("meo_transformer_tiny", "translation", extra)
     g = torch.Generator().manual_seed(1)
@@ -100,19 +117,37 @@ def test_seq2seq_incremental_equals_forward(mode, level, unit, routing, impl):
         torch.testing.assert_close(reordered, full_perm, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode,level,unit,routing", [
-    ("meo", "sequence", "linear", "segment"),
-    ("meo", "sequence", "ffn", "segment"),
-    ("meo", "token", "linear", "prefix"),
-    ("moe", "token", "linear", "segment"),
-    ("moe", "sequence", "ffn", "prefix"),
-])
+@pytest.mark.parametrize(
+    "mode,level,unit,routing",
+    [
+        ("meo", "sequence", "linear", "segment"),
+        ("meo", "sequence", "ffn", "segment"),
+        ("meo", "token", "linear", "prefix"),
+        ("moe", "token", "linear", "segment"),
+        ("moe", "sequence", "ffn", "prefix"),
+    ],
+)
 @pytest.mark.parametrize("impl", ["auto", "reference"])
 def test_lm_incremental_equals_forward(mode, level, unit, routing, impl):
     extra = [
-        "--moe-mode", mode, "--moe-level", level, "--moe-expert-unit", unit, "--moe-experts", "4",
-        "--moe-top-k", "2", "--moe-decoder-routing", routing, "--moe-segment-length", "3",
-        "--moe-prefix-length", "4", "--moe-impl", impl,
+        "--moe-mode",
+        mode,
+        "--moe-level",
+        level,
+        "--moe-expert-unit",
+        unit,
+        "--moe-experts",
+        "4",
+        "--moe-top-k",
+        "2",
+        "--moe-decoder-routing",
+        routing,
+        "--moe-segment-length",
+        "3",
+        "--moe-prefix-length",
+        "4",
+        "--moe-impl",
+        impl,
     ]
     model, d = build("meo_transformer_lm_tiny", "language_modeling", extra)
     g = torch.Generator().manual_seed(2)

@@ -61,7 +61,15 @@ def _layer_grad(m, x, probe):
 @pytest.mark.parametrize("mode,level", [("meo", "sequence"), ("moe", "token")])
 def test_training_steps_reuse_gradient_memory_and_stay_exact(mode, level):
     torch.manual_seed(0)
-    cfg = MoEConfig(mode=mode, level=level, routing="sequence" if level == "sequence" else "token", experts=4, top_k=2, expert_unit="linear", gate_noise=False)
+    cfg = MoEConfig(
+        mode=mode,
+        level=level,
+        routing="sequence" if level == "sequence" else "token",
+        experts=4,
+        top_k=2,
+        expert_unit="linear",
+        gate_noise=False,
+    )
     m = MoEFFN(6, 10, cfg).to(D)
     ref = copy.deepcopy(m)
     for r in ref.modules():  # the reference allocates every gradient afresh

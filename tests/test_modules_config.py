@@ -89,8 +89,14 @@ def test_derived_properties():
     assert MoEConfig(experts=8, top_k=4, compressed_experts=3).full_experts == 1
 
 
-@pytest.mark.parametrize("name,flag", [("balance_weight", "--moe-balance-weight"), ("z_loss_weight", "--moe-z-loss-weight"),
-                                       ("merge_min_tokens", "--moe-merge-min-tokens")])
+@pytest.mark.parametrize(
+    "name,flag",
+    [
+        ("balance_weight", "--moe-balance-weight"),
+        ("z_loss_weight", "--moe-z-loss-weight"),
+        ("merge_min_tokens", "--moe-merge-min-tokens"),
+    ],
+)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), -1.0])
 def test_non_finite_or_negative_numbers_are_rejected_naming_the_flag(name, flag, value):
     with pytest.raises(ValueError, match=flag):

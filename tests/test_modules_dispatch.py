@@ -43,7 +43,9 @@ def test_mix_linear_equals_naive_per_token_reference(m, i, o, n, k, bias):
     y = mix_linear(x, idx, w, weight, b)
     yr = naive_mix(x, idx, w, weight, b)
     torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
-    for a, e in zip(torch.autograd.grad((y * probe).sum(), leaves), torch.autograd.grad((yr * probe).sum(), leaves)):
+    for a, e in zip(
+        torch.autograd.grad((y * probe).sum(), leaves), torch.autograd.grad((yr * probe).sum(), leaves)
+    ):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
@@ -54,11 +56,15 @@ def test_mix_linear_all_tokens_on_one_expert_and_unused_experts():
     idx = torch.full((m, 1), 3)
     w = torch.ones(m, 1, dtype=D)
     weight, b = torch.randn(n, o, i, dtype=D), torch.randn(n, o, dtype=D)
-    torch.testing.assert_close(mix_linear(x, idx, w, weight, b), F.linear(x, weight[3], b[3]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        mix_linear(x, idx, w, weight, b), F.linear(x, weight[3], b[3]), rtol=1e-12, atol=1e-12
+    )
     # the last expert is used by no token, the first by all
     idx = torch.stack([torch.zeros(m, dtype=torch.long), torch.arange(m) % 3 + 1], 1)
     w = torch.rand(m, 2, dtype=D)
-    torch.testing.assert_close(mix_linear(x, idx, w, weight, b), naive_mix(x, idx, w, weight, b), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        mix_linear(x, idx, w, weight, b), naive_mix(x, idx, w, weight, b), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("m,i,o,n,k", SHAPES)
@@ -78,7 +84,12 @@ def test_dispatch_nonlinear_experts_with_side_input(m, i, o, n, k):
     y = dispatch(x, idx, w, fn, o, side)
     rows = []
     for t in range(m):
-        rows.append(sum(w[t, j] * (torch.tanh(weight[int(idx[t, j])] @ x[t]) * side[t] + int(idx[t, j])) for j in range(k)))
+        rows.append(
+            sum(
+                w[t, j] * (torch.tanh(weight[int(idx[t, j])] @ x[t]) * side[t] + int(idx[t, j]))
+                for j in range(k)
+            )
+        )
     yr = torch.stack(rows)
     torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
     leaves = [x, w, weight]
@@ -111,4 +122,6 @@ def test_mix_linear_function_gradcheck_float64():
         assert torch.autograd.gradcheck(lambda *a: MixLinearFunction.apply(*a, None, idx), (x, w, weight))
         # without a gate gradient nothing is kept from forward, and the other gradients still hold
         wc = w.detach()
-        assert torch.autograd.gradcheck(lambda x_, wt, b_: MixLinearFunction.apply(x_, wc, wt, b_, idx), (x, weight, bias))
+        assert torch.autograd.gradcheck(
+            lambda x_, wt, b_: MixLinearFunction.apply(x_, wc, wt, b_, idx), (x, weight, bias)
+        )

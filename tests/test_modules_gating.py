@@ -33,13 +33,24 @@ def _route(fused, cfg, d, x, mask, noise_scale=0.5, seed=3, half=False):
     return [gates.detach(), idx, w.detach(), r.aux_loss.detach()], r.stats, grads
 
 
-CASES = list(itertools.product(["cv", "none"], [0.0, 1e-2], [True, False], [1, 2, 3], [4, 8], ["all", "some"]))
+CASES = list(
+    itertools.product(["cv", "none"], [0.0, 1e-2], [True, False], [1, 2, 3], [4, 8], ["all", "some"])
+)
 
 
 @pytest.mark.parametrize("balance,z,noise,k,n,mask", CASES)
 def test_fused_gating_equals_reference(balance, z, noise, k, n, mask):
-    cfg = MoEConfig(mode="meo", level="sequence", routing="sequence", experts=n, top_k=k, balance_loss=balance,
-                    z_loss_weight=z, gate_noise=noise, balance_weight=0.1)
+    cfg = MoEConfig(
+        mode="meo",
+        level="sequence",
+        routing="sequence",
+        experts=n,
+        top_k=k,
+        balance_loss=balance,
+        z_loss_weight=z,
+        gate_noise=noise,
+        balance_weight=0.1,
+    )
     g, d = 7, 5
     x = torch.randn(g, d, generator=torch.Generator().manual_seed(k * n))
     m = None if mask == "all" else torch.tensor([True, False, True, True, False, True, True])
@@ -124,10 +135,16 @@ def test_criterion_stats_are_the_averages_of_the_routers():
     torch.testing.assert_close(total, sum(r.aux_loss for r in routers))
     n = len(routers)
     assert stats["moe_batches"] == 1 and stats["moe_aux"] == pytest.approx(float(total.detach()))
-    assert stats["moe_balance"] == pytest.approx(sum(float(r.stats["balance"]) for r in routers) / n, rel=1e-6)
+    assert stats["moe_balance"] == pytest.approx(
+        sum(float(r.stats["balance"]) for r in routers) / n, rel=1e-6
+    )
     assert stats["moe_z_loss"] == pytest.approx(sum(float(r.stats["z_loss"]) for r in routers) / n, rel=1e-6)
-    assert stats["moe_max_frac"] == pytest.approx(sum(float(r.stats["fraction"].max()) for r in routers) / n, rel=1e-6)
-    assert stats["moe_entropy"] == pytest.approx(sum(float(r.stats["entropy"]) for r in routers) / n, rel=1e-6)
+    assert stats["moe_max_frac"] == pytest.approx(
+        sum(float(r.stats["fraction"].max()) for r in routers) / n, rel=1e-6
+    )
+    assert stats["moe_entropy"] == pytest.approx(
+        sum(float(r.stats["entropy"]) for r in routers) / n, rel=1e-6
+    )
 
 
 def test_criterion_stats_with_routers_of_different_sizes():
@@ -141,6 +158,12 @@ def test_criterion_stats_with_routers_of_different_sizes():
     routers = [r for m in model for r in m.routers()]
     _, stats = aux_and_stats(model)
     n = len(routers)
-    assert stats["moe_max_frac"] == pytest.approx(sum(float(r.stats["fraction"].max()) for r in routers) / n, rel=1e-6)
-    assert stats["moe_entropy"] == pytest.approx(sum(float(r.stats["entropy"]) for r in routers) / n, rel=1e-6)
-    assert stats["moe_balance"] == pytest.approx(sum(float(r.stats["balance"]) for r in routers) / n, rel=1e-6)
+    assert stats["moe_max_frac"] == pytest.approx(
+        sum(float(r.stats["fraction"].max()) for r in routers) / n, rel=1e-6
+    )
+    assert stats["moe_entropy"] == pytest.approx(
+        sum(float(r.stats["entropy"]) for r in routers) / n, rel=1e-6
+    )
+    assert stats["moe_balance"] == pytest.approx(
+        sum(float(r.stats["balance"]) for r in routers) / n, rel=1e-6
+    )

@@ -12,7 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meo_fairseq.modules import ExpertLinear, MoEConfig, MoEFFN, Router, StackedExperts, TokenBlock, reorder_state
+from meo_fairseq.modules import (
+    ExpertLinear,
+    MoEConfig,
+    MoEFFN,
+    Router,
+    StackedExperts,
+    TokenBlock,
+    reorder_state,
+)
 from meo_fairseq.modules import decoding as decoding_mod
 from meo_fairseq.modules import layer as layer_mod
 
@@ -38,7 +46,9 @@ def cfg_for(mode, routing, n=4, k=2, **kw):
         kw.setdefault("level", "token")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # `full` routing warns by design
-        return MoEConfig(mode=mode, routing=routing, experts=n, top_k=k, segment_length=SEG, prefix_length=PRE, **kw)
+        return MoEConfig(
+            mode=mode, routing=routing, experts=n, top_k=k, segment_length=SEG, prefix_length=PRE, **kw
+        )
 
 
 def randomize_(m):
@@ -85,7 +95,9 @@ def data(b, t, routing, seed=0, dtype=D):
 
 
 def aux(m):
-    return sum((r.aux_loss for r in m.modules() if isinstance(r, Router) and r.aux_loss is not None), torch.zeros(()))
+    return sum(
+        (r.aux_loss for r in m.modules() if isinstance(r, Router) and r.aux_loss is not None), torch.zeros(())
+    )
 
 
 def forward_backward(m, x, ctx=None, pad=None, seed=None):
@@ -123,6 +135,7 @@ def ragged_pad(b, t, seed=0):
 
 # ---- MEO == vanilla MoE ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("b,t,n,k", SHAPES)
 @pytest.mark.parametrize("routing", ["sequence", "segment", "prefix", "encoder", "full"])
 @pytest.mark.parametrize("kind", ["linear", "ffn"])
@@ -152,7 +165,11 @@ def test_meo_equals_vanilla_moe_with_compressed_experts(kind):
     assert any(v.abs().sum() > 0 for name, v in ga.items() if "scales" in name)
 
 
-@pytest.mark.parametrize("mode,routing", [("moe", "token")] + [(m, r) for m in ("moe", "meo") for r in ("sequence", "segment", "prefix", "encoder")])
+@pytest.mark.parametrize(
+    "mode,routing",
+    [("moe", "token")]
+    + [(m, r) for m in ("moe", "meo") for r in ("sequence", "segment", "prefix", "encoder")],
+)
 def test_expert_linear_equals_naive_reference_with_router_gates(mode, routing):
     """y[b, t] = sum_i g_i(b, t) (W_i x[b, t] + b_i), the gates taken from the router itself."""
     m = make("linear", cfg_for(mode, routing, 8, 3)).eval()
@@ -200,26 +217,43 @@ def test_token_level_meo_is_token_block_then_sequence_merge():
 
 # ---- one expert / upcycling == dense ---------------------------------------------------------
 
+
 def dense_ffn(x, w1, b1, w2, b2):
     return F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode,routing", [("moe", "token"), ("moe", "sequence"), ("meo", "sequence"), ("meo", "segment")])
+@pytest.mark.parametrize(
+    "mode,routing", [("moe", "token"), ("moe", "sequence"), ("meo", "sequence"), ("meo", "segment")]
+)
 def test_one_expert_top1_equals_dense(kind, mode, routing):
     m = make(kind, cfg_for(mode, routing, 1, 1)).train()
     x, _ = data(3, 7, routing)
     y, g = forward_backward(m, x, seed=0)
     xr = x.clone().requires_grad_(True)
     if kind == "linear":
-        w, b = (m.experts.weight.detach()[0].requires_grad_(True), m.experts.bias.detach()[0].requires_grad_(True))
+        w, b = (
+            m.experts.weight.detach()[0].requires_grad_(True),
+            m.experts.bias.detach()[0].requires_grad_(True),
+        )
         yr = F.linear(xr, w, b)
         ref_params = {"experts.weight": w, "experts.bias": b}
     else:
-        w1, b1 = m.fc1.experts.weight.detach()[0].requires_grad_(True), m.fc1.experts.bias.detach()[0].requires_grad_(True)
-        w2, b2 = m.fc2.experts.weight.detach()[0].requires_grad_(True), m.fc2.experts.bias.detach()[0].requires_grad_(True)
+        w1, b1 = (
+            m.fc1.experts.weight.detach()[0].requires_grad_(True),
+            m.fc1.experts.bias.detach()[0].requires_grad_(True),
+        )
+        w2, b2 = (
+            m.fc2.experts.weight.detach()[0].requires_grad_(True),
+            m.fc2.experts.bias.detach()[0].requires_grad_(True),
+        )
         yr = dense_ffn(xr, w1, b1, w2, b2)
-        ref_params = {"fc1.experts.weight": w1, "fc1.experts.bias": b1, "fc2.experts.weight": w2, "fc2.experts.bias": b2}
+        ref_params = {
+            "fc1.experts.weight": w1,
+            "fc1.experts.bias": b1,
+            "fc2.experts.weight": w2,
+            "fc2.experts.bias": b2,
+        }
     torch.testing.assert_close(y, yr.detach(), **TIGHT)
     probe = torch.linspace(-1, 1, yr.numel(), dtype=D).view_as(yr)
     grads = torch.autograd.grad((yr * probe).sum(), [xr] + list(ref_params.values()))
@@ -254,7 +288,10 @@ def test_upcycled_layer_equals_dense_source(kind, spec, dense_bias):
     cfg = cfg_for(spec.pop("mode"), spec.pop("routing"), n=6, k=spec.pop("top_k", 2), **spec)
     m = make(kind, cfg).train()  # randomized routers / token blocks / scales, all reset by upcycling
     torch.manual_seed(5)
-    fc1, fc2 = torch.nn.Linear(DM, FF, bias=dense_bias).double(), torch.nn.Linear(FF, DM, bias=dense_bias).double()
+    fc1, fc2 = (
+        torch.nn.Linear(DM, FF, bias=dense_bias).double(),
+        torch.nn.Linear(FF, DM, bias=dense_bias).double(),
+    )
     if kind == "linear":
         m.upcycle_(fc1.weight, fc1.bias)
         dense = fc1
@@ -279,8 +316,16 @@ def test_upcycled_layer_equals_dense_source(kind, spec, dense_bias):
 
 # ---- padding ---------------------------------------------------------------------------------
 
-PAD_CASES = [("moe", "token"), ("moe", "sequence"), ("meo", "sequence"), ("moe", "segment"), ("meo", "segment"),
-             ("meo", "prefix"), ("moe", "prefix"), ("meo", "encoder")]
+PAD_CASES = [
+    ("moe", "token"),
+    ("moe", "sequence"),
+    ("meo", "sequence"),
+    ("moe", "segment"),
+    ("meo", "segment"),
+    ("meo", "prefix"),
+    ("moe", "prefix"),
+    ("meo", "encoder"),
+]
 
 
 def per_position(r, t):
@@ -319,7 +364,9 @@ def test_padding_changes_nothing_at_real_positions(kind, mode, routing, side):
         ci = ctx[i : i + 1] if ctx is not None else None
         # masked and plain means may round differently in fp32: gates agree to fp32 precision
         torch.testing.assert_close(y[i, real], m(xi, None, ci)[0], **FP32_GATES)
-        torch.testing.assert_close(gates[i, real], per_position(router(xi, None, ci), n)[0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            gates[i, real], per_position(router(xi, None, ci), n)[0], rtol=1e-6, atol=1e-7
+        )
 
 
 @pytest.mark.parametrize("kind", ["linear", "ffn-unit"])
@@ -340,9 +387,21 @@ def test_right_padding_changes_neither_aux_loss_nor_outputs(kind, mode, routing)
 
 # ---- causality -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode,routing", [("moe", "token"), ("meo", "encoder"), ("moe", "encoder"), ("meo", "segment"),
-                                          ("moe", "segment"), ("meo", "prefix"), ("moe", "prefix"), ("meo", "full")])
+@pytest.mark.parametrize(
+    "mode,routing",
+    [
+        ("moe", "token"),
+        ("meo", "encoder"),
+        ("moe", "encoder"),
+        ("meo", "segment"),
+        ("moe", "segment"),
+        ("meo", "prefix"),
+        ("moe", "prefix"),
+        ("meo", "full"),
+    ],
+)
 def test_causality(kind, mode, routing):
     m = make(kind, cfg_for(mode, routing, 6, 2, level="token" if routing == "token" else "sequence")).eval()
     t = 8
@@ -478,8 +537,12 @@ def test_beam_search_merges_once_per_sentence(monkeypatch, kind, keys):
 
 
 def test_reorder_state_nested():
-    s = {"a": torch.arange(6).view(3, 2), "b": (torch.tensor([1.0, 2.0, 3.0]), None), "pos": 4,
-         "c": [torch.tensor(7.0), {"d": torch.arange(3)}]}
+    s = {
+        "a": torch.arange(6).view(3, 2),
+        "b": (torch.tensor([1.0, 2.0, 3.0]), None),
+        "pos": 4,
+        "c": [torch.tensor(7.0), {"d": torch.arange(3)}],
+    }
     r = reorder_state(s, torch.tensor([2, 2, 0]))
     assert torch.equal(r["a"], torch.tensor([[4, 5], [4, 5], [0, 1]]))
     assert torch.equal(r["b"][0], torch.tensor([3.0, 3.0, 1.0])) and r["b"][1] is None
@@ -492,10 +555,13 @@ def test_reorder_state_identity_keeps_tensors_and_shrinking_still_selects():
     same = reorder_state(s, torch.arange(3))
     assert same["w"] is s["w"] and same["t"][0] is s["t"][0]  # nothing copied
     first_two = reorder_state(s, torch.arange(2))  # sentences finished: the batch shrinks
-    assert torch.equal(first_two["w"], torch.tensor([[0.0, 1.0], [2.0, 3.0]])) and torch.equal(first_two["t"][0], torch.arange(2))
+    assert torch.equal(first_two["w"], torch.tensor([[0.0, 1.0], [2.0, 3.0]])) and torch.equal(
+        first_two["t"][0], torch.arange(2)
+    )
 
 
 # ---- compressed experts ----------------------------------------------------------------------
+
 
 def test_no_compressed_experts_is_vanilla_top_k():
     for mode in ("moe", "meo"):
@@ -511,7 +577,9 @@ def test_no_compressed_experts_is_vanilla_top_k():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode,routing", [("moe", "token"), ("moe", "sequence"), ("meo", "sequence"), ("meo", "segment")])
+@pytest.mark.parametrize(
+    "mode,routing", [("moe", "token"), ("moe", "sequence"), ("meo", "sequence"), ("meo", "segment")]
+)
 @pytest.mark.parametrize("k,nce", [(2, 1), (4, 2)])
 def test_compressed_experts_with_unit_scales_equal_top_k_minus_nce(kind, mode, routing, k, nce):
     comp = make(kind, cfg_for(mode, routing, 6, k, compressed_experts=nce))
@@ -572,6 +640,7 @@ def test_compressed_experts_reference_ffn_unit(mode):
 
 # ---- merge vs mix paths, cost model ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("routing", ["sequence", "segment", "prefix", "encoder"])
 @pytest.mark.parametrize("b,t,n,k", SHAPES[1:])
 def test_meo_merge_and_mix_paths_agree(monkeypatch, routing, b, t, n, k):
@@ -580,7 +649,9 @@ def test_meo_merge_and_mix_paths_agree(monkeypatch, routing, b, t, n, k):
     used = []
     for name in ("merged_linear", "mix_linear"):
         real = getattr(layer_mod, name)
-        monkeypatch.setattr(layer_mod, name, lambda *a, _real=real, _name=name: used.append(_name) or _real(*a))
+        monkeypatch.setattr(
+            layer_mod, name, lambda *a, _real=real, _name=name: used.append(_name) or _real(*a)
+        )
     x, ctx = data(b, t, routing)
     ya, ga = forward_backward(merge, x, ctx, ragged_pad(b, t) if routing != "encoder" else None, seed=1)
     assert set(used) == {"merged_linear"}
@@ -610,11 +681,16 @@ def test_cost_model():
 
 # ---- bf16 with huge logits -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode,routing", [("moe", "token"), ("meo", "sequence"), ("meo", "segment"), ("meo", "prefix")])
+@pytest.mark.parametrize(
+    "mode,routing", [("moe", "token"), ("meo", "sequence"), ("meo", "segment"), ("meo", "prefix")]
+)
 @pytest.mark.parametrize("nce", [0, 1])
 def test_bf16_huge_logits_stay_finite(kind, mode, routing, nce):
-    m = make(kind, cfg_for(mode, routing, 4, 2, compressed_experts=nce, z_loss_weight=1e-3), dtype=torch.float32)
+    m = make(
+        kind, cfg_for(mode, routing, 4, 2, compressed_experts=nce, z_loss_weight=1e-3), dtype=torch.float32
+    )
     routings = []
     with torch.no_grad():
         for r in m.modules():

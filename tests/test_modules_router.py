@@ -165,6 +165,7 @@ def test_compressed_expert_gates(n, k, nce):
 
 # ---- auxiliary losses for a hand-set w_gate ---------------------------------------------------
 
+
 def hand_router(**kw):
     """4 experts, top-2, token routing; token e0 has logits [2, 1, 0, -1], token e1 [-1, 0, 1, 2]."""
     cfg = MoEConfig(mode="moe", level="token", routing="token", experts=4, top_k=2, **kw)
@@ -262,6 +263,7 @@ def test_noisy_training_gates_and_differentiable_load():
 
 # ---- half precision with huge logits ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("routing", ["token", "sequence", "segment", "prefix"])
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -269,8 +271,16 @@ def test_noisy_training_gates_and_differentiable_load():
 def test_half_precision_huge_logits_stay_finite(routing, train, dtype, balance, nce):
     extra = dict(mode="moe", level="token") if routing == "token" else {}
     r = make_router(
-        8, 4, 2, routing=routing, segment_length=2, prefix_length=2, balance_loss=balance,
-        z_loss_weight=1e-3, compressed_experts=nce, **extra,
+        8,
+        4,
+        2,
+        routing=routing,
+        segment_length=2,
+        prefix_length=2,
+        balance_loss=balance,
+        z_loss_weight=1e-3,
+        compressed_experts=nce,
+        **extra,
     )
     with torch.no_grad():
         r.w_gate.uniform_(-3, 3).mul_(1e4)

@@ -88,7 +88,9 @@ def test_generate_blocks_repeated_trigrams(tmp_path):
     plain = hypotheses(run("generate", gen).stdout)
     blocked = hypotheses(run("generate", [*gen, "--no-repeat-ngram-size", "3"]).stdout)
     assert len(plain) == len(blocked) == 20
-    assert sum(repeated_trigrams(t) for _, t in plain.values()) > 0, "the untrained model should repeat itself"
+    assert sum(repeated_trigrams(t) for _, t in plain.values()) > 0, (
+        "the untrained model should repeat itself"
+    )
     for i, (_, text) in blocked.items():
         assert len(text.split()) >= 30
         assert repeated_trigrams(text) == 0, (i, text)

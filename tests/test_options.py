@@ -10,7 +10,9 @@ from fairseq import options as fairseq_options
 
 def run_options(*args):
     cmd = [sys.executable, "-m", "meo_fairseq.options", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, check=False, env=env(), cwd=str(REPO), timeout=120)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, check=False, env=env(), cwd=str(REPO), timeout=120
+    )
 
 
 def listed_flags(text):
@@ -21,7 +23,11 @@ def listed_options(text):
     """(flag, a valid value or None) for every option the listing shows."""
     out = []
     for m in re.finditer(r"^(--[\w-]+)(?: \{([\w,-]+)\}| (INT|FLOAT|STR))?", text, re.MULTILINE):
-        value = m.group(2).split(",")[0] if m.group(2) else {"INT": "2", "FLOAT": "0.5", "STR": "x"}.get(m.group(3))
+        value = (
+            m.group(2).split(",")[0]
+            if m.group(2)
+            else {"INT": "2", "FLOAT": "0.5", "STR": "x"}.get(m.group(3))
+        )
         out.append((m.group(1), value))
     return out
 
@@ -29,7 +35,9 @@ def listed_options(text):
 def test_lists_every_moe_option_of_an_arch():
     from meo_fairseq.models.moe_args import MoEArgs
 
-    every = {"--" + name.replace("_", "-") for name in MoEArgs.__dataclass_fields__ if "moe" in name} | {"--moe-gate-noise"}
+    every = {"--" + name.replace("_", "-") for name in MoEArgs.__dataclass_fields__ if "moe" in name} | {
+        "--moe-gate-noise"
+    }
     for arch, task in (("meo_transformer_lm_tiny", ["--task", "language_modeling"]),
                        ("meo_bart_large", ["--task", "translation"])):  # fmt: skip
         proc = run_options("--arch", arch)
@@ -47,6 +55,10 @@ def test_lists_every_moe_option_of_an_arch():
 
 def test_every_model_and_bad_arch():
     proc = run_options()
-    assert proc.returncode == 0 and "model meo_transformer " in proc.stdout and "model meo_transformer_lm " in proc.stdout
+    assert (
+        proc.returncode == 0
+        and "model meo_transformer " in proc.stdout
+        and "model meo_transformer_lm " in proc.stdout
+    )
     bad = run_options("--arch", "transformer_lm")
     assert bad.returncode != 0 and "--arch transformer_lm" in bad.stderr

@@ -29,7 +29,12 @@ SPLITS = ("train", "valid", "test")
 def run_script(name, *args):
     env = dict(os.environ, PYTHON=sys.executable)
     return subprocess.run(
-        ["bash", str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300
+        ["bash", str(SCRIPTS / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(REPO),
+        timeout=300,
     )
 
 
@@ -72,7 +77,9 @@ def assert_failed_cleanly(proc, out, *needles):
 
 def spm_pieces(model_path):
     sp = P.load_sentencepiece(str(model_path))
-    return [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i))]
+    return [
+        sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i))
+    ]
 
 
 def dict_words(path):
@@ -85,7 +92,11 @@ def dict_words(path):
 @pytest.fixture(scope="module")
 def xsum_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("xsum") / "out"
-    ok(run_script("prepare_xsum.sh", "--raw", DATA / "xsum", "--out", out, "--vocab-size", VOCAB, "--workers", 1))
+    ok(
+        run_script(
+            "prepare_xsum.sh", "--raw", DATA / "xsum", "--out", out, "--vocab-size", VOCAB, "--workers", 1
+        )
+    )
     return out
 
 
@@ -112,7 +123,19 @@ def test_xsum_outputs(xsum_out):
 
 def test_xsum_rerun_is_noop_and_deterministic(xsum_out, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in xsum_out.iterdir()}
-    proc = ok(run_script("prepare_xsum.sh", "--raw", DATA / "xsum", "--out", xsum_out, "--vocab-size", VOCAB, "--workers", 1))
+    proc = ok(
+        run_script(
+            "prepare_xsum.sh",
+            "--raw",
+            DATA / "xsum",
+            "--out",
+            xsum_out,
+            "--vocab-size",
+            VOCAB,
+            "--workers",
+            1,
+        )
+    )
     assert "up to date" in proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in xsum_out.iterdir()} == before
     # from scratch elsewhere (other workers, raw data copied elsewhere): the same bytes
@@ -133,7 +156,12 @@ def test_xsum_missing_split(tmp_path):
     raw = _xsum_raw(tmp_path)
     (raw / "test.jsonl").unlink()
     out = tmp_path / "out"
-    assert_failed_cleanly(run_script("prepare_xsum.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB), out, f"{raw}/test.jsonl", "missing test split")
+    assert_failed_cleanly(
+        run_script("prepare_xsum.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB),
+        out,
+        f"{raw}/test.jsonl",
+        "missing test split",
+    )
 
 
 def test_xsum_malformed_json_line(tmp_path):
@@ -142,14 +170,24 @@ def test_xsum_malformed_json_line(tmp_path):
     rows[6] = rows[6][: len(rows[6]) // 2]  # line 7 cut in the middle
     (raw / "validation.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    assert_failed_cleanly(run_script("prepare_xsum.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB), out, f"{raw}/validation.jsonl:7:", "malformed JSON")
+    assert_failed_cleanly(
+        run_script("prepare_xsum.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB),
+        out,
+        f"{raw}/validation.jsonl:7:",
+        "malformed JSON",
+    )
 
 
 def test_xsum_empty_file(tmp_path):
     raw = _xsum_raw(tmp_path)
     (raw / "train.jsonl").write_text("", encoding="utf-8")
     out = tmp_path / "out"
-    assert_failed_cleanly(run_script("prepare_xsum.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB), out, f"{raw}/train.jsonl", "empty")
+    assert_failed_cleanly(
+        run_script("prepare_xsum.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB),
+        out,
+        f"{raw}/train.jsonl",
+        "empty",
+    )
 
 
 def test_xsum_missing_field(tmp_path):
@@ -160,7 +198,12 @@ def test_xsum_missing_field(tmp_path):
     rows[2] = json.dumps(rec)
     (raw / "test.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    assert_failed_cleanly(run_script("prepare_xsum.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB), out, f"{raw}/test.jsonl:3:", "'summary'")
+    assert_failed_cleanly(
+        run_script("prepare_xsum.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB),
+        out,
+        f"{raw}/test.jsonl:3:",
+        "'summary'",
+    )
 
 
 def test_existing_foreign_out_is_not_overwritten(tmp_path):
@@ -176,7 +219,12 @@ def test_existing_foreign_out_is_not_overwritten(tmp_path):
 def test_help(script):
     proc = ok(run_script(script, "--help"))
     assert proc.stdout.startswith("Usage: scripts/" + script)
-    assert "--raw DIR" in proc.stdout and "--out DIR" in proc.stdout and "--vocab-size" in proc.stdout and "--workers" in proc.stdout
+    assert (
+        "--raw DIR" in proc.stdout
+        and "--out DIR" in proc.stdout
+        and "--vocab-size" in proc.stdout
+        and "--workers" in proc.stdout
+    )
     bad = run_script(script, "--bogus")
     assert bad.returncode != 0 and "unknown argument" in bad.stderr
 
@@ -203,12 +251,27 @@ def test_wikitext_tokens_outputs(wikitext_tokens_out, tmp_path):
     assert {"Homarus", "gammarus", "@-@", ","} <= words
     assert not (out / "spm.model").exists()
     # re-run: no-op; from scratch with another worker count: same bytes
-    assert "up to date" in ok(run_script("prepare_wikitext.sh", "--raw", DATA / "wikitext-2", "--out", out)).stderr
+    assert (
+        "up to date"
+        in ok(run_script("prepare_wikitext.sh", "--raw", DATA / "wikitext-2", "--out", out)).stderr
+    )
     again = tmp_path / "again"
     ok(run_script("prepare_wikitext.sh", "--raw", DATA / "wikitext-2", "--out", again, "--workers", 2))
     assert_same_tree(out, again)
     # other options: the output is rebuilt (and replaced) in place
-    proc = ok(run_script("prepare_wikitext.sh", "--raw", DATA / "wikitext-2", "--out", again, "--vocab-size", 500, "--workers", 1))
+    proc = ok(
+        run_script(
+            "prepare_wikitext.sh",
+            "--raw",
+            DATA / "wikitext-2",
+            "--out",
+            again,
+            "--vocab-size",
+            500,
+            "--workers",
+            1,
+        )
+    )
     assert "rebuilding" in proc.stderr
     assert len(lines(again / "dict.txt")) < len(lines(out / "dict.txt"))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -240,11 +303,26 @@ def test_wikitext_bad_inputs(tmp_path):
     shutil.copytree(DATA / "wikitext-2", raw)
     out = tmp_path / "out"
     (raw / "wiki.valid.tokens").write_text("", encoding="utf-8")
-    assert_failed_cleanly(run_script("prepare_wikitext.sh", "--raw", raw, "--out", out), out, f"{raw}/wiki.valid.tokens", "empty")
+    assert_failed_cleanly(
+        run_script("prepare_wikitext.sh", "--raw", raw, "--out", out),
+        out,
+        f"{raw}/wiki.valid.tokens",
+        "empty",
+    )
     (raw / "wiki.valid.tokens").write_bytes(b" \n = Title = \n bad \xff byte \n")
-    assert_failed_cleanly(run_script("prepare_wikitext.sh", "--raw", raw, "--out", out), out, f"{raw}/wiki.valid.tokens:3:", "UTF-8")
+    assert_failed_cleanly(
+        run_script("prepare_wikitext.sh", "--raw", raw, "--out", out),
+        out,
+        f"{raw}/wiki.valid.tokens:3:",
+        "UTF-8",
+    )
     (raw / "wiki.valid.tokens").unlink()
-    assert_failed_cleanly(run_script("prepare_wikitext.sh", "--raw", raw, "--out", out), out, f"{raw}/wiki.valid.tokens", "missing valid split")
+    assert_failed_cleanly(
+        run_script("prepare_wikitext.sh", "--raw", raw, "--out", out),
+        out,
+        f"{raw}/wiki.valid.tokens",
+        "missing valid split",
+    )
     shutil.copy(DATA / "wikitext-2" / "wiki.valid.tokens", raw / "wiki.valid.tokens")
     (raw / "wiki.train.raw").write_text("x\n", encoding="utf-8")
     assert_failed_cleanly(run_script("prepare_wikitext.sh", "--raw", raw, "--out", out), out, "--format")
@@ -258,7 +336,21 @@ MAX_SRC = 200
 @pytest.fixture(scope="module")
 def squad_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("squad") / "out"
-    ok(run_script("prepare_squad.sh", "--raw", DATA / "squad", "--out", out, "--vocab-size", VOCAB, "--workers", 1, "--max-source-tokens", MAX_SRC))
+    ok(
+        run_script(
+            "prepare_squad.sh",
+            "--raw",
+            DATA / "squad",
+            "--out",
+            out,
+            "--vocab-size",
+            VOCAB,
+            "--workers",
+            1,
+            "--max-source-tokens",
+            MAX_SRC,
+        )
+    )
     return out
 
 
@@ -284,7 +376,10 @@ def test_squad_outputs(squad_out, tmp_path):
     assert pieces == spm_pieces(out / "spm.model") and P.SQUAD_SEP in pieces
     # re-run: no-op; elsewhere with 2 workers: same bytes
     args = ("--vocab-size", VOCAB, "--max-source-tokens", MAX_SRC)
-    assert "up to date" in ok(run_script("prepare_squad.sh", "--raw", DATA / "squad", "--out", out, *args)).stderr
+    assert (
+        "up to date"
+        in ok(run_script("prepare_squad.sh", "--raw", DATA / "squad", "--out", out, *args)).stderr
+    )
     again = tmp_path / "again"
     ok(run_script("prepare_squad.sh", "--raw", DATA / "squad", "--out", again, *args, "--workers", 2))
     assert_same_tree(out, again)
@@ -296,7 +391,9 @@ def test_squad_train_windows_contain_the_answer(squad_out):
     cut = 0
     for q in questions:
         text, start = q["answers"][0]
-        pieces, (c0, c1), truncated = P.squad_source_pieces(sp, q["question"], q["context"], MAX_SRC, (start, start + len(text)))
+        pieces, (c0, c1), truncated = P.squad_source_pieces(
+            sp, q["question"], q["context"], MAX_SRC, (start, start + len(text))
+        )
         cut += truncated
         assert len(pieces) <= MAX_SRC - 1
         assert c0 <= start and start + len(text) <= c1, q["id"]
@@ -311,14 +408,35 @@ def test_squad_bad_inputs(tmp_path):
     doc = json.loads((raw / "dev-v1.1.json").read_text(encoding="utf-8"))
     del doc["data"][1]["paragraphs"][0]["qas"][0]["question"]
     (raw / "dev-v1.1.json").write_text(json.dumps(doc), encoding="utf-8")
-    assert_failed_cleanly(run_script("prepare_squad.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB), out,
-                          f"{raw}/dev-v1.1.json", "data[1].paragraphs[0].qas[0]: missing field 'question'")
-    (raw / "dev-v1.1.json").write_text('{"version": "1.1",\n "data": [\n {"title": "x",, }]}\n', encoding="utf-8")
-    assert_failed_cleanly(run_script("prepare_squad.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB), out, f"{raw}/dev-v1.1.json:3:", "malformed JSON")
+    assert_failed_cleanly(
+        run_script("prepare_squad.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB),
+        out,
+        f"{raw}/dev-v1.1.json",
+        "data[1].paragraphs[0].qas[0]: missing field 'question'",
+    )
+    (raw / "dev-v1.1.json").write_text(
+        '{"version": "1.1",\n "data": [\n {"title": "x",, }]}\n', encoding="utf-8"
+    )
+    assert_failed_cleanly(
+        run_script("prepare_squad.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB),
+        out,
+        f"{raw}/dev-v1.1.json:3:",
+        "malformed JSON",
+    )
     (raw / "dev-v1.1.json").write_text("", encoding="utf-8")
-    assert_failed_cleanly(run_script("prepare_squad.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB), out, f"{raw}/dev-v1.1.json", "empty")
+    assert_failed_cleanly(
+        run_script("prepare_squad.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB),
+        out,
+        f"{raw}/dev-v1.1.json",
+        "empty",
+    )
     (raw / "dev-v1.1.json").unlink()
-    assert_failed_cleanly(run_script("prepare_squad.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB), out, f"{raw}/dev-v1.1.json", "missing dev split")
+    assert_failed_cleanly(
+        run_script("prepare_squad.sh", "--raw", raw, "--out", out, "--vocab-size", VOCAB),
+        out,
+        f"{raw}/dev-v1.1.json",
+        "missing dev split",
+    )
 
 
 # ----------------------------------------------------------------------------- helpers (no subprocess)
@@ -326,7 +444,10 @@ def test_squad_bad_inputs(tmp_path):
 
 def test_read_jsonl_errors(tmp_path):
     f = tmp_path / "x.jsonl"
-    f.write_text('{"id": "1", "document": "d", "summary": "s"}\n\n{"id": "1", "document": "d", "summary": "s"}\n', encoding="utf-8")
+    f.write_text(
+        '{"id": "1", "document": "d", "summary": "s"}\n\n{"id": "1", "document": "d", "summary": "s"}\n',
+        encoding="utf-8",
+    )
     with pytest.raises(P.DataError, match=r"x\.jsonl:3: duplicate id '1' \(first on line 1\)"):
         P.read_jsonl(str(f))
     f.write_text('{"id": "1", "document": 5, "summary": "s"}\n', encoding="utf-8")
@@ -390,7 +511,9 @@ def test_rebuild_keeps_files_the_script_did_not_write(tmp_path):
     assert (out / "runs" / "log.txt").read_text() == "my log\n"
     assert (out / ".hidden").read_text() == "h\n"
     assert len(dict_words(out / "dict.txt")) == 300 < len(first_dict)  # rebuilt
-    stamp_outputs = [line[len("output "):] for line in lines(out / "prepare.stamp") if line.startswith("output ")]
+    stamp_outputs = [
+        line[len("output ") :] for line in lines(out / "prepare.stamp") if line.startswith("output ")
+    ]
     assert "dict.txt" in stamp_outputs and "NOTES.txt" not in stamp_outputs
     assert not list(tmp_path.glob(".out.tmp.*"))
 
@@ -399,7 +522,19 @@ def test_rebuild_refuses_a_user_file_with_an_output_name(tmp_path):
     """tokens format, then a user's spm.model, then the raw format (which writes spm.model):
     refused, nothing changed."""
     out = tmp_path / "out"
-    ok(run_script("prepare_wikitext.sh", "--raw", DATA / "wikitext-2", "--out", out, "--workers", 1, "--vocab-size", 300))
+    ok(
+        run_script(
+            "prepare_wikitext.sh",
+            "--raw",
+            DATA / "wikitext-2",
+            "--out",
+            out,
+            "--workers",
+            1,
+            "--vocab-size",
+            300,
+        )
+    )
     (out / "spm.model").write_text("mine\n")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     raw = tmp_path / "raw"
@@ -407,8 +542,12 @@ def test_rebuild_refuses_a_user_file_with_an_output_name(tmp_path):
     for split, n in (("train", 200), ("valid", 20), ("test", 20)):
         text = lines(REPO / "examples" / "data" / "enwiki" / f"wiki.{split}.raw")[:n]
         (raw / f"wiki.{split}.raw").write_text("\n".join(text) + "\n", encoding="utf-8")
-    proc = run_script("prepare_wikitext.sh", "--raw", raw, "--out", out, "--workers", 1, "--vocab-size", VOCAB)
-    assert proc.returncode != 0 and f"{out}/spm.model was not written by prepare_wikitext.sh" in proc.stderr, proc.stderr
+    proc = run_script(
+        "prepare_wikitext.sh", "--raw", raw, "--out", out, "--workers", 1, "--vocab-size", VOCAB
+    )
+    assert (
+        proc.returncode != 0 and f"{out}/spm.model was not written by prepare_wikitext.sh" in proc.stderr
+    ), proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not list(tmp_path.glob(".out.tmp.*"))
 
@@ -429,7 +568,19 @@ def test_staging_dir_of_a_killed_run_is_removed(tmp_path):
     other = tmp_path / ".other.tmp.dead02"  # another --out's: not ours to touch
     other.mkdir()
     (other / "owner").write_text(f"999999999 {os.uname().nodename}\n")
-    proc = ok(run_script("prepare_wikitext.sh", "--raw", DATA / "wikitext-2", "--out", out, "--workers", 1, "--vocab-size", 300))
+    proc = ok(
+        run_script(
+            "prepare_wikitext.sh",
+            "--raw",
+            DATA / "wikitext-2",
+            "--out",
+            out,
+            "--workers",
+            1,
+            "--vocab-size",
+            300,
+        )
+    )
     assert not dead.exists() and not old_version.exists(), proc.stderr
     assert alive.is_dir() and other.is_dir()
     assert str(dead) in proc.stderr

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
+from test_models_build import _save
+from test_models_incremental import build
 
 from meo_fairseq.benchmark import quality as Q
 from meo_fairseq.benchmark.__main__ import main as bench_main
 from meo_fairseq.models.init import apply_init
-from test_models_build import _save
-from test_models_incremental import build
 
 TRAIN_LOG = """\
 2026-01-01 | INFO | fairseq_cli.train | num. shared model params: 701,536 (num. trained: 701,536)

@@ -50,7 +50,9 @@ def run_script(name, *args, timeout=300, **env_extra):
 
 
 def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -77,7 +79,10 @@ def printed_command(proc):
 
 def hyp_ids(generate_out):
     """Sample ids of the H- lines of a fairseq-generate output, in file order."""
-    return [int(m.group(1)) for m in re.finditer(r"^H-(\d+)\t", Path(generate_out).read_text(encoding="utf-8"), re.M)]
+    return [
+        int(m.group(1))
+        for m in re.finditer(r"^H-(\d+)\t", Path(generate_out).read_text(encoding="utf-8"), re.M)
+    ]
 
 
 def check_one_hypothesis_per_id(data, out, subset="test"):
@@ -86,7 +91,9 @@ def check_one_hypothesis_per_id(data, out, subset="test"):
     assert len(lines(out / "hyp.txt")) == len(ids)
     got = hyp_ids(out / f"generate-{subset}.txt")
     assert sorted(got) == list(range(len(ids))), "exactly one H- line per sample id"
-    assert "\u2581" not in (out / "hyp.txt").read_text(encoding="utf-8"), "hypotheses are sentencepiece-decoded"
+    assert "\u2581" not in (out / "hyp.txt").read_text(encoding="utf-8"), (
+        "hypotheses are sentencepiece-decoded"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,8 +111,23 @@ def squad_data(tmp_path_factory):
 
 def test_xsum_pipeline(tmp_path):
     data, ckpts, out = tmp_path / "xsum-bin", tmp_path / "ckpt", tmp_path / "eval"
-    ok(run_script("prepare_xsum.sh", "--raw", DATA / "xsum", "--out", data, "--vocab-size", VOCAB, "--workers", "1"))
-    train = ok(run_script("train_xsum.sh", "--data", data, "--save-dir", ckpts, *TINY_SEQ2SEQ, "--max-source-positions", "256"))
+    ok(
+        run_script(
+            "prepare_xsum.sh", "--raw", DATA / "xsum", "--out", data, "--vocab-size", VOCAB, "--workers", "1"
+        )
+    )
+    train = ok(
+        run_script(
+            "train_xsum.sh",
+            "--data",
+            data,
+            "--save-dir",
+            ckpts,
+            *TINY_SEQ2SEQ,
+            "--max-source-positions",
+            "256",
+        )
+    )
     argv = printed_command(train)
     # the recipe's settings are there, the overrides come after them
     assert argv[argv.index("--criterion") + 1] == "moe_label_smoothed_cross_entropy"
@@ -115,9 +137,16 @@ def test_xsum_pipeline(tmp_path):
     assert (ckpts / "checkpoint_best.pt").is_file() and (ckpts / "checkpoint_last.pt").is_file()
     assert not list(ckpts.glob("checkpoint[0-9]*.pt"))
 
-    ev = ok(run_script("eval_xsum.sh", "--data", data, "--checkpoint", ckpts / "checkpoint_best.pt", "--out", out))
+    ev = ok(
+        run_script("eval_xsum.sh", "--data", data, "--checkpoint", ckpts / "checkpoint_best.pt", "--out", out)
+    )
     gen = printed_command(ev)
-    for flag, value in (("--beam", "6"), ("--max-len-b", "60"), ("--min-len", "10"), ("--no-repeat-ngram-size", "3")):
+    for flag, value in (
+        ("--beam", "6"),
+        ("--max-len-b", "60"),
+        ("--min-len", "10"),
+        ("--no-repeat-ngram-size", "3"),
+    ):
         assert gen[gen.index(flag) + 1] == value
     assert gen[gen.index("--max-source-positions") + 1] == "256"  # read from the checkpoint
     check_one_hypothesis_per_id(data, out)
@@ -130,8 +159,23 @@ def test_xsum_pipeline(tmp_path):
 
 def test_squad_pipeline(tmp_path, squad_data):
     data, ckpts, out = squad_data, tmp_path / "ckpt", tmp_path / "eval"
-    ok(run_script("train_squad.sh", "--data", data, "--save-dir", ckpts, *TINY_SEQ2SEQ, "--max-source-positions", "128"))
-    ev = ok(run_script("eval_squad.sh", "--data", data, "--checkpoint", ckpts / "checkpoint_last.pt", "--out", out))
+    ok(
+        run_script(
+            "train_squad.sh",
+            "--data",
+            data,
+            "--save-dir",
+            ckpts,
+            *TINY_SEQ2SEQ,
+            "--max-source-positions",
+            "128",
+        )
+    )
+    ev = ok(
+        run_script(
+            "eval_squad.sh", "--data", data, "--checkpoint", ckpts / "checkpoint_last.pt", "--out", out
+        )
+    )
     check_one_hypothesis_per_id(data, out)
     scores = json.loads((out / "squad.json").read_text())
     assert scores["num_questions"] == len(lines(data / "test.id")) == 30
@@ -144,7 +188,19 @@ def test_squad_pipeline(tmp_path, squad_data):
 
 def test_wikitext_pipeline(tmp_path):
     data, ckpts, out = tmp_path / "wt-bin", tmp_path / "ckpt", tmp_path / "eval"
-    ok(run_script("prepare_wikitext.sh", "--raw", DATA / "wikitext-2", "--out", data, "--vocab-size", VOCAB, "--workers", "1"))
+    ok(
+        run_script(
+            "prepare_wikitext.sh",
+            "--raw",
+            DATA / "wikitext-2",
+            "--out",
+            data,
+            "--vocab-size",
+            VOCAB,
+            "--workers",
+            "1",
+        )
+    )
     ok(run_script("train_wikitext.sh", "--data", data, "--save-dir", ckpts,
                   "--arch", "meo_transformer_lm_tiny", "--max-update", "10", "--max-tokens", "1024", "--update-freq", "1",
                   "--tokens-per-sample", "128", "--moe-experts", "4", "--moe-top-k", "2",
@@ -216,7 +272,9 @@ def test_recipe_defaults_parse(tmp_path, script, arch, criterion, extra):
     for name in ("dict.txt", "dict.src.txt", "dict.tgt.txt", "train.idx", "train.bin", "valid.idx",
                  "train.src-tgt.src.idx", "train.src-tgt.tgt.idx", "valid.src-tgt.src.idx"):  # fmt: skip
         (data / name).touch()
-    proc = ok(run_script(script, "--data", data, "--save-dir", tmp_path / "ck", "--dry-run", MEO_NUM_GPUS="0"))
+    proc = ok(
+        run_script(script, "--data", data, "--save-dir", tmp_path / "ck", "--dry-run", MEO_NUM_GPUS="0")
+    )
     assert not (tmp_path / "ck").exists()
     args = parse_train_argv(printed_command(proc))
     assert args.arch == arch and args.criterion == criterion and args.cpu
@@ -249,11 +307,25 @@ def test_gpu_command_lines(tmp_path):
     assert argv[:3] == [sys.executable, "-m", "fairseq_cli.train"]  # fairseq spawns one process per GPU
     argv = printed_command(ok(run_script("train_wikitext.sh", *base, MEO_NUM_GPUS="4", MEO_BF16="1")))
     assert "--bf16" in argv and "--fp16" not in argv
-    assert argv[:3] == [sys.executable, "-m", "meo_fairseq.train"]  # fairseq-train would take --bf16 for --tpu
+    assert argv[:3] == [
+        sys.executable,
+        "-m",
+        "meo_fairseq.train",
+    ]  # fairseq-train would take --bf16 for --tpu
     argv = printed_command(ok(run_script("train_wikitext.sh", *base, "--bf16", "--tpu", MEO_NUM_GPUS="0")))
     assert argv[:3] == [sys.executable, "-m", "fairseq_cli.train"]  # a TPU run is fairseq's own
-    argv = printed_command(ok(run_script("train_wikitext.sh", *base, MEO_NUM_GPUS="2", MEO_LAUNCHER="torchrun")))
-    assert argv[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    argv = printed_command(
+        ok(run_script("train_wikitext.sh", *base, MEO_NUM_GPUS="2", MEO_LAUNCHER="torchrun"))
+    )
+    assert argv[:7] == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+    ]
     assert argv[7] == "fairseq_cli.train"
     # an explicit precision or --cpu wins
     argv = printed_command(ok(run_script("train_wikitext.sh", *base, "--bf16", MEO_NUM_GPUS="1")))
@@ -282,9 +354,15 @@ def test_bad_arguments(tmp_path):
         for needle in needles:
             assert needle in proc.stderr, (needle, proc.stderr)
 
-    fails(run_script("train_xsum.sh", "--data", missing, "--save-dir", tmp_path / "ck"), "--data", str(missing))
+    fails(
+        run_script("train_xsum.sh", "--data", missing, "--save-dir", tmp_path / "ck"), "--data", str(missing)
+    )
     fails(run_script("train_wikitext.sh", "--save-dir", tmp_path / "ck"), "--data DIR is required")
-    fails(run_script("eval_xsum.sh", "--data", missing, "--checkpoint", "x.pt", "--out", tmp_path / "o"), "--data", str(missing))
+    fails(
+        run_script("eval_xsum.sh", "--data", missing, "--checkpoint", "x.pt", "--out", tmp_path / "o"),
+        "--data",
+        str(missing),
+    )
     fails(run_script("eval_squad.sh", "--data"), "--data needs a value")
 
     squad = tmp_path / "squad"
@@ -293,15 +371,26 @@ def test_bad_arguments(tmp_path):
                  "train.src-tgt.src.idx", "train.src-tgt.tgt.idx", "valid.src-tgt.src.idx"):  # fmt: skip
         (squad / name).touch()
     ckpt = tmp_path / "nope" / "checkpoint_best.pt"
-    fails(run_script("eval_squad.sh", "--data", squad, "--checkpoint", ckpt, "--out", tmp_path / "o"), "--checkpoint", str(ckpt))
-    fails(run_script("eval_xsum.sh", "--data", squad, "--checkpoint", ckpt, "--out", tmp_path / "o"), "missing test.tgt.raw")
+    fails(
+        run_script("eval_squad.sh", "--data", squad, "--checkpoint", ckpt, "--out", tmp_path / "o"),
+        "--checkpoint",
+        str(ckpt),
+    )
+    fails(
+        run_script("eval_xsum.sh", "--data", squad, "--checkpoint", ckpt, "--out", tmp_path / "o"),
+        "missing test.tgt.raw",
+    )
     fails(run_script("train_squad.sh", "--data", squad, "--save-dir", tmp_path / "ck", "--upcycle-from", ckpt),
           "--upcycle-from", str(ckpt))  # fmt: skip
     wt = tmp_path / "wt"
     wt.mkdir()
     for name in ("dict.txt", "test.idx", "test.bin"):
         (wt / name).touch()
-    fails(run_script("eval_wikitext.sh", "--data", wt, "--checkpoint", ckpt, "--out", tmp_path / "o"), "--checkpoint", str(ckpt))
+    fails(
+        run_script("eval_wikitext.sh", "--data", wt, "--checkpoint", ckpt, "--out", tmp_path / "o"),
+        "--checkpoint",
+        str(ckpt),
+    )
     fails(run_script("eval_wikitext.sh", "--data", wt, "--checkpoint", ckpt, "--out", tmp_path / "o", "--context-window", "x"),
           "--context-window must be an integer")  # fmt: skip
     assert not (tmp_path / "o").exists() and not (tmp_path / "ck").exists()
@@ -326,7 +415,9 @@ def test_recipes_validate_every_example(tmp_path):
         data.mkdir()
         for name in files:
             (data / name).touch()
-        proc = run_script(script, "--data", data, "--save-dir", tmp_path / "ck", "--dry-run", MEO_NUM_GPUS="0")
+        proc = run_script(
+            script, "--data", data, "--save-dir", tmp_path / "ck", "--dry-run", MEO_NUM_GPUS="0"
+        )
         argv = printed_command(ok(proc))
         assert argv[argv.index("--required-batch-size-multiple") + 1] == "1", script
 

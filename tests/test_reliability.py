@@ -120,7 +120,9 @@ def test_other_dictionary_of_the_same_size_is_refused(meo_run, lm_bin, swapped_b
     save = tmp_path / "resume"
     shutil.copytree(meo_run, save)
     res = run("train", train_args(swapped_bin, save, *MEO, updates=3), check=False)
-    assert res.returncode != 0 and "dictionary mismatch" in error_line(res, r"\S*CheckpointMismatchError"), res.describe()
+    assert res.returncode != 0 and "dictionary mismatch" in error_line(res, r"\S*CheckpointMismatchError"), (
+        res.describe()
+    )
     assert not train_inner(res.log)
 
 
@@ -136,8 +138,10 @@ def test_resume_with_other_moe_options_is_refused(meo_run, lm_bin, tmp_path):
         ("train", train_args(lm_bin, saves["topk"], *MEO, "--moe-top-k", 1, updates=3)),
         ("train", train_args(lm_bin, saves["mode"], *MEO, "--moe-mode", "moe", "--moe-level", "token", updates=3)),
     ])  # fmt: skip
-    for res, needles in ((topk, ["--moe-top-k 2 (checkpoint) vs 1 (now)"]),
-                         (mode, ["--moe-mode meo (checkpoint) vs moe (now)", "--moe-level sequence (checkpoint) vs token"])):
+    for res, needles in (
+        (topk, ["--moe-top-k 2 (checkpoint) vs 1 (now)"]),
+        (mode, ["--moe-mode meo (checkpoint) vs moe (now)", "--moe-level sequence (checkpoint) vs token"]),
+    ):
         assert res.returncode != 0 and not train_inner(res.log), res.describe()
         err = error_line(res, r"\S*CheckpointMismatchError")  # (fairseq's trainer re-raises it "from" it)
         print(err)

@@ -68,7 +68,10 @@ def test_second_run_in_the_same_save_dir_is_refused(lm_bin, tmp_path):
             time.sleep(0.05)
         second = script("train_wikitext.sh", *args, "--max-update", 1)
         assert second.returncode != 0, second.stderr
-        assert "another training run holds --save-dir" in second.stderr and f"pid {first.pid} on " in second.stderr, second.stderr
+        assert (
+            "another training run holds --save-dir" in second.stderr
+            and f"pid {first.pid} on " in second.stderr
+        ), second.stderr
         assert "command:" in second.stderr and "Preparing to load" not in second.stderr + second.stdout
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # as a crashed or killed job: no clean-up runs
@@ -114,7 +117,9 @@ def test_eval_wikitext_says_why_fairseq_failed(lm_bin, lm_ckpt, tmp_path):
     assert res.returncode == 2, res.stderr[-3000:]
     msg = res.stderr.strip().splitlines()[-1]
     print(msg)
-    assert msg.startswith("eval_wikitext.sh: error: fairseq-eval-lm failed: ") and "--no-such-option" in msg, msg
+    assert (
+        msg.startswith("eval_wikitext.sh: error: fairseq-eval-lm failed: ") and "--no-such-option" in msg
+    ), msg
     assert not (tmp_path / "ev" / "ppl.json").exists()
 
 
@@ -144,7 +149,11 @@ def test_eval_xsum_refuses_another_dictionary_and_says_why_generate_failed(seq2s
     assert bad_dict.returncode == 2, bad_dict.stderr[-3000:]
     msg = bad_dict.stderr.strip().splitlines()[-1]
     print(msg)
-    assert "error: dictionary mismatch" in msg and str(swapped / "dict.tgt.txt") in msg and str(data / "dict.tgt.txt") in msg
+    assert (
+        "error: dictionary mismatch" in msg
+        and str(swapped / "dict.tgt.txt") in msg
+        and str(data / "dict.tgt.txt") in msg
+    )
     assert str(swapped / "dict.src.txt") not in msg  # that one is the training dictionary
     failed = script("eval_xsum.sh", "--data", data, "--out", tmp_path / "b", *common, "--no-such-option")
     assert failed.returncode == 2, failed.stderr[-3000:]

@@ -49,23 +49,63 @@ def test_squad_cli_ids_and_json_refs(tmp_path, capsys):
     (tmp_path / "ids.txt").write_text("q1\nq2\n", encoding="utf-8")
     refs = tmp_path / "dev.answers.jsonl"
     refs.write_text(
-        json.dumps({"id": "q1", "answers": ["a cat sat on"]}) + "\n" + json.dumps({"id": "q2", "answers": ["london", "London, UK"]}) + "\n",
+        json.dumps({"id": "q1", "answers": ["a cat sat on"]})
+        + "\n"
+        + json.dumps({"id": "q2", "answers": ["london", "London, UK"]})
+        + "\n",
         encoding="utf-8",
     )
     out = tmp_path / "scores.json"
-    assert squad.main(["--hyp", str(tmp_path / "hyp.txt"), "--ids", str(tmp_path / "ids.txt"), "--ref", str(refs), "--out", str(out)]) == 0
+    assert (
+        squad.main(
+            [
+                "--hyp",
+                str(tmp_path / "hyp.txt"),
+                "--ids",
+                str(tmp_path / "ids.txt"),
+                "--ref",
+                str(refs),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     scores = json.loads(out.read_text())
     assert scores["exact_match"] == pytest.approx(50.0)
     assert scores["f1"] == pytest.approx(100 * (0.8 + 1.0) / 2)
     assert json.loads(capsys.readouterr().out) == scores
 
     # the same references as a SQuAD v1.1 JSON file, predictions as an official-style JSON dict
-    squad_json = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "c", "qas": [
-        {"id": "q1", "question": "?", "answers": [{"text": "a cat sat on", "answer_start": 0}]},
-        {"id": "q2", "question": "?", "answers": [{"text": "london", "answer_start": 0}]}]}]}]}
+    squad_json = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "t",
+                "paragraphs": [
+                    {
+                        "context": "c",
+                        "qas": [
+                            {
+                                "id": "q1",
+                                "question": "?",
+                                "answers": [{"text": "a cat sat on", "answer_start": 0}],
+                            },
+                            {"id": "q2", "question": "?", "answers": [{"text": "london", "answer_start": 0}]},
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
     (tmp_path / "dev.json").write_text(json.dumps(squad_json), encoding="utf-8")
     (tmp_path / "pred.json").write_text(json.dumps({"q1": "the Cat sat", "q2": "London"}), encoding="utf-8")
-    assert squad.main(["--hyp", str(tmp_path / "pred.json"), "--ref", str(tmp_path / "dev.json"), "--out", str(out)]) == 0
+    assert (
+        squad.main(
+            ["--hyp", str(tmp_path / "pred.json"), "--ref", str(tmp_path / "dev.json"), "--out", str(out)]
+        )
+        == 0
+    )
     assert json.loads(out.read_text()) == scores
 
 
@@ -73,7 +113,19 @@ def test_squad_cli_length_mismatch_fails(tmp_path):
     (tmp_path / "hyp.txt").write_text("a\nb\n", encoding="utf-8")
     (tmp_path / "ids.txt").write_text("q1\n", encoding="utf-8")
     (tmp_path / "ref.jsonl").write_text(json.dumps({"id": "q1", "answers": ["a"]}) + "\n", encoding="utf-8")
-    assert squad.main(["--hyp", str(tmp_path / "hyp.txt"), "--ids", str(tmp_path / "ids.txt"), "--ref", str(tmp_path / "ref.jsonl")]) == 2
+    assert (
+        squad.main(
+            [
+                "--hyp",
+                str(tmp_path / "hyp.txt"),
+                "--ids",
+                str(tmp_path / "ids.txt"),
+                "--ref",
+                str(tmp_path / "ref.jsonl"),
+            ]
+        )
+        == 2
+    )
 
 
 # ----------------------------------------------------------------------------- ROUGE
@@ -121,7 +173,12 @@ def test_rouge_cli(tmp_path, capsys):
     (tmp_path / "hyp.txt").write_text("the cat sat on the mat\nalpha\n", encoding="utf-8")
     (tmp_path / "ref.txt").write_text("the cat lay on the rug\nalpha\n", encoding="utf-8")
     out = tmp_path / "sub" / "rouge.json"
-    assert rouge.main(["--hyp", str(tmp_path / "hyp.txt"), "--ref", str(tmp_path / "ref.txt"), "--out", str(out)]) == 0
+    assert (
+        rouge.main(
+            ["--hyp", str(tmp_path / "hyp.txt"), "--ref", str(tmp_path / "ref.txt"), "--out", str(out)]
+        )
+        == 0
+    )
     scores = json.loads(out.read_text())
     assert scores["rouge1"] == pytest.approx(100 * (4 / 6 + 1) / 2)
     assert scores["num_examples"] == 2
@@ -178,7 +235,17 @@ def test_fairseq_output_cli(tmp_path):
     (tmp_path / "gen.out").write_text("H-1\t-1\t▁b ▁c\nH-0\t-1\t▁a\n", encoding="utf-8")
     (tmp_path / "test.id").write_text("x\ny\n", encoding="utf-8")
     out = tmp_path / "hyp.txt"
-    assert fairseq_output.main([str(tmp_path / "gen.out"), "--ids", str(tmp_path / "test.id"), "--out", str(out)]) == 0
+    assert (
+        fairseq_output.main(
+            [str(tmp_path / "gen.out"), "--ids", str(tmp_path / "test.id"), "--out", str(out)]
+        )
+        == 0
+    )
     assert out.read_text(encoding="utf-8") == "a\nb c\n"
     (tmp_path / "test.id").write_text("x\ny\nz\n", encoding="utf-8")
-    assert fairseq_output.main([str(tmp_path / "gen.out"), "--ids", str(tmp_path / "test.id"), "--out", str(out)]) == 2
+    assert (
+        fairseq_output.main(
+            [str(tmp_path / "gen.out"), "--ids", str(tmp_path / "test.id"), "--out", str(out)]
+        )
+        == 2
+    )

@@ -74,7 +74,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..modules import MoEConfig, MoEFFN, Router, StackedExperts
+from ..modules import MoEConfig, MoEFFN, StackedExperts
 from ..modules import layer as layer_mod
 from ..modules import merge as merge_mod
 
@@ -102,10 +102,18 @@ def layer_config(mode: str, experts: int, top_k: int) -> MoEConfig:
     if mode == "dense":
         return MoEConfig(mode="dense")
     if mode == "moe":
-        return MoEConfig(mode="moe", level="token", routing="token", experts=experts, top_k=top_k, expert_unit="linear")
+        return MoEConfig(
+            mode="moe", level="token", routing="token", experts=experts, top_k=top_k, expert_unit="linear"
+        )
     if mode == "meo":
         return MoEConfig(
-            mode="meo", level="sequence", routing="sequence", experts=experts, top_k=top_k, expert_unit="linear", merge_min_tokens=0.0
+            mode="meo",
+            level="sequence",
+            routing="sequence",
+            experts=experts,
+            top_k=top_k,
+            expert_unit="linear",
+            merge_min_tokens=0.0,
         )
     raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
 
@@ -143,7 +151,16 @@ class BertLayer(nn.Module):
 class BertMLM(nn.Module):
     """BERT encoder + masked-LM head (dense + GELU + LayerNorm + vocabulary projection, tied)."""
 
-    def __init__(self, layers: int, dim: int, ffn: int, heads: int, vocab: int, cfg: MoEConfig, max_positions: int = 512):
+    def __init__(
+        self,
+        layers: int,
+        dim: int,
+        ffn: int,
+        heads: int,
+        vocab: int,
+        cfg: MoEConfig,
+        max_positions: int = 512,
+    ):
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(max_positions, dim)
@@ -184,7 +201,11 @@ def materialize_(model: nn.Module, seed: int = 0, device="cpu") -> nn.Module:
                 n, out_f, in_f = p.shape
                 t = rand(out_f, in_f, std=in_f**-0.5).unsqueeze(0).expand(n, out_f, in_f)
             elif isinstance(mod, nn.LayerNorm):
-                t = torch.ones(p.shape, device=device) if name == "weight" else torch.zeros(p.shape, device=device)
+                t = (
+                    torch.ones(p.shape, device=device)
+                    if name == "weight"
+                    else torch.zeros(p.shape, device=device)
+                )
             elif isinstance(mod, StackedExperts) and name == "scales":
                 t = torch.ones(p.shape, device=device)
             else:
@@ -198,7 +219,18 @@ def materialize_(model: nn.Module, seed: int = 0, device="cpu") -> nn.Module:
     return model
 
 
-def build_bert(mode: str, layers: int, dim: int, ffn: int, heads: int, vocab: int = BERT_VOCAB, experts: int = 16, top_k: int = 4, seq_len: int = 128, seed: int = 0) -> BertMLM:
+def build_bert(
+    mode: str,
+    layers: int,
+    dim: int,
+    ffn: int,
+    heads: int,
+    vocab: int = BERT_VOCAB,
+    experts: int = 16,
+    top_k: int = 4,
+    seq_len: int = 128,
+    seed: int = 0,
+) -> BertMLM:
     cfg = layer_config(mode, experts, top_k)
     with torch.device("meta"):
         model = BertMLM(layers, dim, ffn, heads, vocab, cfg, max_positions=max(512, seq_len))
@@ -276,7 +308,9 @@ def count_flops(model: nn.Module, *inputs, **kwargs) -> FlopCount:
     return result
 
 
-def formula(layers: int, dim: int, ffn: int, heads: int, vocab: int, seq_len: int, experts: int, top_k: int) -> Dict[str, int]:
+def formula(
+    layers: int, dim: int, ffn: int, heads: int, vocab: int, seq_len: int, experts: int, top_k: int
+) -> Dict[str, int]:
     """Hand count (FLOPs = 2 x multiply-adds; merge in the paper convention), one sequence."""
     t, d, f, n, k = seq_len, dim, ffn, experts, top_k
     attn = 2 * t * 4 * d * d + 2 * 2 * t * t * d  # q, k, v, out projections; QK^T and AV
@@ -296,14 +330,18 @@ def formula(layers: int, dim: int, ffn: int, heads: int, vocab: int, seq_len: in
     }
 
 
-def measure(preset: Optional[str] = None, seq_len: int = 128, experts: int = 16, top_k: int = 4, **dims) -> dict:
+def measure(
+    preset: Optional[str] = None, seq_len: int = 128, experts: int = 16, top_k: int = 4, **dims
+) -> dict:
     """FLOPs of dense / vanilla MoE / MEO for one model size, as a JSON-able dict (GFLOPs)."""
     spec = dict(PRESETS[preset]) if preset else {}
     spec.update({k: v for k, v in dims.items() if v is not None})
     spec.setdefault("vocab", BERT_VOCAB)
     missing = [k for k in ("layers", "dim", "ffn", "heads") if k not in spec]
     if missing:
-        raise ValueError(f"give --preset or all of --layers --dim --ffn --heads (missing {', '.join(missing)})")
+        raise ValueError(
+            f"give --preset or all of --layers --dim --ffn --heads (missing {', '.join(missing)})"
+        )
     tokens = torch.randint(spec["vocab"], (1, seq_len), generator=torch.Generator().manual_seed(0))
     counts = {}
     for mode in MODES:
@@ -312,7 +350,9 @@ def measure(preset: Optional[str] = None, seq_len: int = 128, experts: int = 16,
         del model
     meo = counts["meo"]
     if meo.merges != 2 * spec["layers"]:
-        raise RuntimeError(f"expected {2 * spec['layers']} merged_linear calls, saw {meo.merges}: is the merge path still merged_linear?")
+        raise RuntimeError(
+            f"expected {2 * spec['layers']} merged_linear calls, saw {meo.merges}: is the merge path still merged_linear?"
+        )
     G = 1e9
     out = {
         "preset": preset,
@@ -332,11 +372,19 @@ def measure(preset: Optional[str] = None, seq_len: int = 128, experts: int = 16,
             "dense_product": meo.merge_dense_product / G,
             "seen_by_counter": meo.merge_seen / G,
         },
-        "formula_gflops": {k: v / G for k, v in formula(seq_len=seq_len, experts=experts, top_k=top_k, **spec).items()},
+        "formula_gflops": {
+            k: v / G for k, v in formula(seq_len=seq_len, experts=experts, top_k=top_k, **spec).items()
+        },
         "convention": "FLOPs = 2 x multiply-adds of matrix products; meo: merge = k x P per sequence and linear "
         "(paper); meo_as_run: merge = the [G,N]x[N,out*in] product, 2 x N x P",
     }
-    if preset == "bert-base" and seq_len == 128 and experts == 16 and top_k == 4 and spec["vocab"] == BERT_VOCAB:
+    if (
+        preset == "bert-base"
+        and seq_len == 128
+        and experts == 16
+        and top_k == 4
+        and spec["vocab"] == BERT_VOCAB
+    ):
         err = {k: out["gflops"][k] / PAPER[k] - 1 for k in PAPER}
         out["paper_gflops"] = dict(PAPER)
         out["rel_err"] = err
@@ -349,7 +397,9 @@ def measure(preset: Optional[str] = None, seq_len: int = 128, experts: int = 16,
 # ------------------------------------------------------------------------------------------
 
 
-def sweep(presets=tuple(PRESETS), ks=SWEEP_K, experts: int = SWEEP_EXPERTS, seq_len: int = 128, log=None) -> List[dict]:
+def sweep(
+    presets=tuple(PRESETS), ks=SWEEP_K, experts: int = SWEEP_EXPERTS, seq_len: int = 128, log=None
+) -> List[dict]:
     rows = []
     for preset in presets:
         for k in ks:
@@ -357,8 +407,10 @@ def sweep(presets=tuple(PRESETS), ks=SWEEP_K, experts: int = SWEEP_EXPERTS, seq_
             r = measure(preset, seq_len=seq_len, experts=experts, top_k=k)
             rows.append({"preset": preset, "top_k": k, "experts": experts, "seq_len": seq_len, **r["gflops"]})
             if log:
-                log(f"{preset:10s} k={k:2d}: dense {r['gflops']['dense']:8.2f}G  moe {r['gflops']['moe']:8.2f}G  "
-                    f"meo {r['gflops']['meo']:8.2f}G  ({time.perf_counter() - t0:.1f}s)")
+                log(
+                    f"{preset:10s} k={k:2d}: dense {r['gflops']['dense']:8.2f}G  moe {r['gflops']['moe']:8.2f}G  "
+                    f"meo {r['gflops']['meo']:8.2f}G  ({time.perf_counter() - t0:.1f}s)"
+                )
     return rows
 
 
@@ -385,7 +437,10 @@ def plot(rows: List[dict], path: str) -> None:
     ax.set_xlabel("selected experts k")
     ax.set_ylabel("GFLOPs per sequence")
     r0 = rows[0]
-    ax.set_title(f"FLOPs vs k ({r0['seq_len']} tokens, {r0['experts']} experts, experts in every FFN linear)", fontsize=9)
+    ax.set_title(
+        f"FLOPs vs k ({r0['seq_len']} tokens, {r0['experts']} experts, experts in every FFN linear)",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=1)
     fig.tight_layout()
@@ -403,8 +458,11 @@ def _ints(s: str) -> List[int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m meo_fairseq.benchmark flops", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m meo_fairseq.benchmark flops",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="bert-base")
     p.add_argument("--layers", type=int)
     p.add_argument("--dim", type=int)
@@ -415,11 +473,19 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--json", action="store_true", help="print JSON only")
-    p.add_argument("--sweep", action="store_true", help=f"k in {list(SWEEP_K)}, {SWEEP_EXPERTS} experts, all presets; writes --out")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help=f"k in {list(SWEEP_K)}, {SWEEP_EXPERTS} experts, all presets; writes --out",
+    )
     p.add_argument("--sweep-k", type=_ints, default=list(SWEEP_K))
     p.add_argument("--sweep-experts", type=int, default=SWEEP_EXPERTS)
     p.add_argument("--sweep-presets", default=",".join(PRESETS))
-    p.add_argument("--out", default="flops_vs_k.png", help="figure path for --sweep (a .json with the numbers goes beside it)")
+    p.add_argument(
+        "--out",
+        default="flops_vs_k.png",
+        help="figure path for --sweep (a .json with the numbers goes beside it)",
+    )
     a = p.parse_args(argv)
     for flag in ("layers", "dim", "ffn", "heads", "vocab", "seq_len", "experts", "top_k", "sweep_experts"):
         value = getattr(a, flag)
@@ -443,31 +509,48 @@ def main(argv=None) -> int:
         if a.json:
             print(json.dumps({"figure": a.out, "rows": rows}, indent=1))
         else:
-            print(f"{'preset':10s} {'k':>3s} {'dense':>9s} {'moe':>9s} {'meo':>9s} {'meo_as_run':>10s}  (GFLOPs)")
+            print(
+                f"{'preset':10s} {'k':>3s} {'dense':>9s} {'moe':>9s} {'meo':>9s} {'meo_as_run':>10s}  (GFLOPs)"
+            )
             for r in rows:
-                print(f"{r['preset']:10s} {r['top_k']:3d} {r['dense']:9.2f} {r['moe']:9.2f} {r['meo']:9.2f} {r['meo_as_run']:10.2f}")
+                print(
+                    f"{r['preset']:10s} {r['top_k']:3d} {r['dense']:9.2f} {r['moe']:9.2f} {r['meo']:9.2f} {r['meo_as_run']:10.2f}"
+                )
             print(f"figure: {a.out}\nnumbers: {side}")
         return 0
 
     preset = a.preset if all(v is None for v in (a.layers, a.dim, a.ffn, a.heads)) else None
     base = dict(PRESETS[a.preset]) if preset is None else {}
-    dims = {k: getattr(a, k) if getattr(a, k) is not None else base.get(k) for k in ("layers", "dim", "ffn", "heads")}
-    r = measure(preset, seq_len=a.seq_len, experts=a.experts, top_k=a.top_k, vocab=a.vocab, **({} if preset else dims))
+    dims = {
+        k: getattr(a, k) if getattr(a, k) is not None else base.get(k)
+        for k in ("layers", "dim", "ffn", "heads")
+    }
+    r = measure(
+        preset, seq_len=a.seq_len, experts=a.experts, top_k=a.top_k, vocab=a.vocab, **({} if preset else dims)
+    )
     if a.json:
         print(json.dumps(r, indent=1))
         return 0
     gf, mg = r["gflops"], r["merge_gflops"]
     name = preset or "custom"
-    print(f"{name}: {r['layers']} layers, d={r['dim']}, ffn={r['ffn']}, {r['heads']} heads, vocab {r['vocab']}, "
-          f"{r['seq_len']} tokens, top-{r['top_k']} of {r['experts']} experts in every FFN linear")
+    print(
+        f"{name}: {r['layers']} layers, d={r['dim']}, ffn={r['ffn']}, {r['heads']} heads, vocab {r['vocab']}, "
+        f"{r['seq_len']} tokens, top-{r['top_k']} of {r['experts']} experts in every FFN linear"
+    )
     print(f"  dense                {gf['dense']:9.2f} GFLOPs")
     print(f"  vanilla MoE (token)  {gf['moe']:9.2f} GFLOPs  ({gf['moe'] / gf['dense']:.2f}x dense)")
-    print(f"  MEO (paper conv.)    {gf['meo']:9.2f} GFLOPs  ({gf['meo'] / gf['dense']:.3f}x dense; merge k x P = {mg['paper']:.3f}G)")
-    print(f"  MEO (as run)         {gf['meo_as_run']:9.2f} GFLOPs  (merge as the [G,N]x[N,out*in] product = {mg['dense_product']:.3f}G;"
-          f" the counter saw {mg['seen_by_counter']:.3f}G of merge)")
+    print(
+        f"  MEO (paper conv.)    {gf['meo']:9.2f} GFLOPs  ({gf['meo'] / gf['dense']:.3f}x dense; merge k x P = {mg['paper']:.3f}G)"
+    )
+    print(
+        f"  MEO (as run)         {gf['meo_as_run']:9.2f} GFLOPs  (merge as the [G,N]x[N,out*in] product = {mg['dense_product']:.3f}G;"
+        f" the counter saw {mg['seen_by_counter']:.3f}G of merge)"
+    )
     if "rel_err" in r:
         e = r["rel_err"]
-        print(f"  paper: dense {PAPER['dense']}G, MoE {PAPER['moe']}G, MEO {PAPER['meo']}G -> relative error "
-              f"dense {e['dense']:+.2%}, MoE {e['moe']:+.2%}, MEO {e['meo']:+.2%}: "
-              f"{'reproduced' if r['reproduced'] else 'NOT reproduced'} (tolerance {TOLERANCE:.0%})")
+        print(
+            f"  paper: dense {PAPER['dense']}G, MoE {PAPER['moe']}G, MEO {PAPER['meo']}G -> relative error "
+            f"dense {e['dense']:+.2%}, MoE {e['moe']:+.2%}, MEO {e['meo']:+.2%}: "
+            f"{'reproduced' if r['reproduced'] else 'NOT reproduced'} (tolerance {TOLERANCE:.0%})"
+        )
     return 0

@@ -65,7 +65,6 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..modules import MoEConfig, MoEFFN, Router, set_impl

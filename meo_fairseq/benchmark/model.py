@@ -61,7 +61,13 @@ MODE_FLAGS = {
 PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"]}
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _TRANSLATED = re.compile(
-    r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in (" + _NUM + r")s \((" + _NUM + r") sentences/s, (" + _NUM + r") tokens/s\)"
+    r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ("
+    + _NUM
+    + r")s \(("
+    + _NUM
+    + r") sentences/s, ("
+    + _NUM
+    + r") tokens/s\)"
 )
 
 
@@ -79,11 +85,23 @@ def _env(threads: Optional[int]) -> Dict[str, str]:
 
 def _run(cmd: List[str], log_path: Path, threads: Optional[int], timeout: int) -> str:
     t0 = time.perf_counter()
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=_env(threads), timeout=timeout, cwd=str(REPO))
+    p = subprocess.run(
+        [str(c) for c in cmd],
+        capture_output=True,
+        text=True,
+        env=_env(threads),
+        timeout=timeout,
+        cwd=str(REPO),
+    )
     text = p.stdout + "\n" + p.stderr
-    log_path.write_text(f"$ {' '.join(map(str, cmd))}\n# exit {p.returncode}, {time.perf_counter() - t0:.1f}s\n{text}", encoding="utf-8")
+    log_path.write_text(
+        f"$ {' '.join(map(str, cmd))}\n# exit {p.returncode}, {time.perf_counter() - t0:.1f}s\n{text}",
+        encoding="utf-8",
+    )
     if p.returncode != 0:
-        raise BenchmarkError(f"command failed (exit {p.returncode}), log in {log_path}:\n{' '.join(map(str, cmd))}\n{text[-3000:]}")
+        raise BenchmarkError(
+            f"command failed (exit {p.returncode}), log in {log_path}:\n{' '.join(map(str, cmd))}\n{text[-3000:]}"
+        )
     return text
 
 
@@ -96,7 +114,9 @@ def train_wps(log: str) -> Dict[str, float]:
             if m:
                 vals.append(float(m.group(1)))
     if not vals:
-        raise BenchmarkError("no train_inner wps in the fairseq-train log (too few updates for --log-interval?)")
+        raise BenchmarkError(
+            "no train_inner wps in the fairseq-train log (too few updates for --log-interval?)"
+        )
     steady = vals[1:] or vals
     return {"wps": statistics.median(steady), "wps_intervals": vals}
 
@@ -117,8 +137,14 @@ def generate_speed(log: str) -> Dict[str, float]:
 def median_speed(runs: List[Dict[str, float]]) -> Dict[str, float]:
     """One generate figure from repeated runs: the medians of their speeds and times, and the
     sentences/s of every run (``runs``)."""
-    out = {k: statistics.median(r[k] for r in runs) for k in ("gen_seconds", "sentences_per_s", "tokens_per_s")}
-    out.update(sentences=runs[0]["sentences"], gen_tokens=runs[0]["gen_tokens"], runs=[r["sentences_per_s"] for r in runs])
+    out = {
+        k: statistics.median(r[k] for r in runs) for k in ("gen_seconds", "sentences_per_s", "tokens_per_s")
+    }
+    out.update(
+        sentences=runs[0]["sentences"],
+        gen_tokens=runs[0]["gen_tokens"],
+        runs=[r["sentences_per_s"] for r in runs],
+    )
     return out
 
 
@@ -131,7 +157,9 @@ def prepare(work: Path, threads, timeout, vocab: int) -> Dict[str, Path]:
         dest = work / f"{name}-bin"
         cmd = ["bash", SCRIPTS / script, *args, "--out", dest, "--workers", "1"]
         env = dict(_env(threads), PYTHON=sys.executable)
-        p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=timeout, cwd=str(REPO))
+        p = subprocess.run(
+            [str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=timeout, cwd=str(REPO)
+        )
         if p.returncode != 0:
             raise BenchmarkError(f"{script} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
         out[name] = dest
@@ -141,10 +169,35 @@ def prepare(work: Path, threads, timeout, vocab: int) -> Dict[str, Path]:
 def train_cmd(task: str, data: Path, arch: str, mode: str, a, save_dir: Path) -> List:
     moe = MODE_FLAGS[mode] + ["--moe-experts", a.experts, "--moe-top-k", a.top_k]
     common = [
-        "--user-dir", PKG, "--arch", arch, "--max-update", a.updates, "--log-format", "simple",
-        "--log-interval", a.log_interval, "--seed", 1, "--num-workers", 0, "--disable-validation",
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt",
-        "--warmup-updates", 10, "--dropout", "0.1", "--max-tokens", a.max_tokens,
+        "--user-dir",
+        PKG,
+        "--arch",
+        arch,
+        "--max-update",
+        a.updates,
+        "--log-format",
+        "simple",
+        "--log-interval",
+        a.log_interval,
+        "--seed",
+        1,
+        "--num-workers",
+        0,
+        "--disable-validation",
+        "--optimizer",
+        "adam",
+        "--adam-betas",
+        "(0.9, 0.98)",
+        "--lr",
+        "5e-4",
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        10,
+        "--dropout",
+        "0.1",
+        "--max-tokens",
+        a.max_tokens,
     ]
     if a.cpu:
         common.append("--cpu")
@@ -153,16 +206,57 @@ def train_cmd(task: str, data: Path, arch: str, mode: str, a, save_dir: Path) ->
     entry = "meo_fairseq.train" if a.precision == "bf16" else "fairseq_cli.train"
     if task == "xsum":
         return [
-            sys.executable, "-m", entry, data, "--task", "translation", "--source-lang", "src",
-            "--target-lang", "tgt", "--truncate-source", "--max-source-positions", 512, "--max-target-positions", 512,
-            "--share-all-embeddings", "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-            "--required-batch-size-multiple", 1, "--save-dir", save_dir, "--no-epoch-checkpoints",
-            "--save-interval-updates", a.updates, "--keep-interval-updates", 1, *common, *moe,
+            sys.executable,
+            "-m",
+            entry,
+            data,
+            "--task",
+            "translation",
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            "--truncate-source",
+            "--max-source-positions",
+            512,
+            "--max-target-positions",
+            512,
+            "--share-all-embeddings",
+            "--criterion",
+            "moe_label_smoothed_cross_entropy",
+            "--label-smoothing",
+            "0.1",
+            "--required-batch-size-multiple",
+            1,
+            "--save-dir",
+            save_dir,
+            "--no-epoch-checkpoints",
+            "--save-interval-updates",
+            a.updates,
+            "--keep-interval-updates",
+            1,
+            *common,
+            *moe,
         ]
     return [
-        sys.executable, "-m", entry, data, "--task", "language_modeling", "--tokens-per-sample", 128,
-        "--sample-break-mode", "none", "--criterion", "moe_cross_entropy", "--share-decoder-input-output-embed",
-        "--no-save", "--moe-segment-length", 32, *common, *moe,
+        sys.executable,
+        "-m",
+        entry,
+        data,
+        "--task",
+        "language_modeling",
+        "--tokens-per-sample",
+        128,
+        "--sample-break-mode",
+        "none",
+        "--criterion",
+        "moe_cross_entropy",
+        "--share-decoder-input-output-embed",
+        "--no-save",
+        "--moe-segment-length",
+        32,
+        *common,
+        *moe,
     ]
 
 
@@ -176,11 +270,41 @@ def gen_setting(s: str):
 
 def generate_cmd(data: Path, ckpt: Path, a, batch: int, beam: int) -> List:
     cmd = [
-        sys.executable, "-m", "fairseq_cli.generate", data, "--user-dir", PKG, "--task", "translation",
-        "--source-lang", "src", "--target-lang", "tgt", "--truncate-source", "--max-source-positions", 512,
-        "--path", ckpt, "--gen-subset", a.gen_subset, "--beam", beam, "--max-len-a", 0, "--max-len-b", a.gen_len,
-        "--min-len", a.gen_len, "--no-repeat-ngram-size", 3, "--batch-size", batch,
-        "--remove-bpe", "sentencepiece", "--num-workers", 0,
+        sys.executable,
+        "-m",
+        "fairseq_cli.generate",
+        data,
+        "--user-dir",
+        PKG,
+        "--task",
+        "translation",
+        "--source-lang",
+        "src",
+        "--target-lang",
+        "tgt",
+        "--truncate-source",
+        "--max-source-positions",
+        512,
+        "--path",
+        ckpt,
+        "--gen-subset",
+        a.gen_subset,
+        "--beam",
+        beam,
+        "--max-len-a",
+        0,
+        "--max-len-b",
+        a.gen_len,
+        "--min-len",
+        a.gen_len,
+        "--no-repeat-ngram-size",
+        3,
+        "--batch-size",
+        batch,
+        "--remove-bpe",
+        "sentencepiece",
+        "--num-workers",
+        0,
     ]
     if a.cpu:
         cmd.append("--cpu")
@@ -210,7 +334,12 @@ def run(a) -> dict:
                 for mode in a.modes:
                     save = work / f"ckpt-{task}-{mode}"
                     shutil.rmtree(save, ignore_errors=True)
-                    log = _run(train_cmd(task, data[task], arch, mode, a, save), work / f"train-{task}-{mode}-{rep}.log", a.threads, a.timeout)
+                    log = _run(
+                        train_cmd(task, data[task], arch, mode, a, save),
+                        work / f"train-{task}-{mode}-{rep}.log",
+                        a.threads,
+                        a.timeout,
+                    )
                     runs[mode].append(train_wps(log))
             # generation the same way: the modes interleaved, --gen-repeats times (run one mode
             # after the other, a machine that slows down over the minutes favours the first)
@@ -220,20 +349,32 @@ def run(a) -> dict:
                     for mode in a.modes:
                         ckpt = work / f"ckpt-{task}-{mode}" / "checkpoint_last.pt"
                         for batch, beam in a.gen:
-                            glog = _run(generate_cmd(data[task], ckpt, a, batch, beam),
-                                        work / f"generate-{task}-{mode}-{batch}x{beam}-{rep}.log", a.threads, a.timeout)
+                            glog = _run(
+                                generate_cmd(data[task], ckpt, a, batch, beam),
+                                work / f"generate-{task}-{mode}-{batch}x{beam}-{rep}.log",
+                                a.threads,
+                                a.timeout,
+                            )
                             gens[mode][f"{batch}x{beam}"].append(generate_speed(glog))
             for mode in a.modes:
                 save = work / f"ckpt-{task}-{mode}"
-                row = {"task": task, "arch": arch, "mode": mode, "wps": statistics.median(r["wps"] for r in runs[mode]),
-                       "wps_runs": [r["wps"] for r in runs[mode]]}
+                row = {
+                    "task": task,
+                    "arch": arch,
+                    "mode": mode,
+                    "wps": statistics.median(r["wps"] for r in runs[mode]),
+                    "wps_runs": [r["wps"] for r in runs[mode]],
+                }
                 if task == "xsum" and not a.no_generate:
                     row["gen"] = {k: median_speed(v) for k, v in gens[mode].items()}
                 if not a.workdir:
                     shutil.rmtree(save, ignore_errors=True)
                 rows.append(row)
                 if a.progress:
-                    gen = "".join(f", {k}: {g['sentences_per_s']:.2f} sentences/s" for k, g in row.get("gen", {}).items())
+                    gen = "".join(
+                        f", {k}: {g['sentences_per_s']:.2f} sentences/s"
+                        for k, g in row.get("gen", {}).items()
+                    )
                     print(f"[model] {task} {mode}: {row['wps']:.0f} wps{gen}", file=sys.stderr, flush=True)
         for task in tasks:
             dense = next((r for r in rows if r["task"] == task and r["mode"] == "dense"), None)
@@ -245,8 +386,16 @@ def run(a) -> dict:
                     d = dense.get("gen", {}).get(k)
                     if d:
                         g["ratio"] = {q: g[q] / d[q] for q in ("sentences_per_s", "tokens_per_s")}
-        res = {"experts": a.experts, "top_k": a.top_k, "updates": a.updates, "precision": a.precision, "repeats": a.repeats, "gen_repeats": a.gen_repeats,
-               "workdir": str(work) if a.workdir else None, "rows": rows}
+        res = {
+            "experts": a.experts,
+            "top_k": a.top_k,
+            "updates": a.updates,
+            "precision": a.precision,
+            "repeats": a.repeats,
+            "gen_repeats": a.gen_repeats,
+            "workdir": str(work) if a.workdir else None,
+            "rows": rows,
+        }
         res["targets"] = check_targets(rows)
         return res
     finally:
@@ -267,13 +416,21 @@ def check_targets(rows: List[dict]) -> List[dict]:
         if meo is None or "ratio" not in meo:
             continue
         v = meo["ratio"]["wps"]
-        out.append({"task": task, "figure": "train wps MEO/dense", "ratio": v, "goal": ">= 0.85", "met": v >= 0.85})
+        out.append(
+            {"task": task, "figure": "train wps MEO/dense", "ratio": v, "goal": ">= 0.85", "met": v >= 0.85}
+        )
         for key, bound in (("1x1", 0.9), ("32x6", 0.5)):
             g = meo.get("gen", {}).get(key)
             if not g or "ratio" not in g:
                 continue
             v = g["ratio"]["sentences_per_s"]
-            t = {"task": task, "figure": f"generate {key} sentences/s MEO/dense", "ratio": v, "goal": f">= {bound}", "met": v >= bound}
+            t = {
+                "task": task,
+                "figure": f"generate {key} sentences/s MEO/dense",
+                "ratio": v,
+                "goal": f">= {bound}",
+                "met": v >= bound,
+            }
             if key == "32x6" and moe is not None and key in moe.get("gen", {}):
                 mv = moe["gen"][key]["sentences_per_s"]
                 t["goal"] += " and > vanilla MoE"
@@ -290,9 +447,13 @@ def table(res: dict) -> str:
     head = f"{'task':5s} {'arch':24s} {'mode':6s} {'train wps':>10s} {'x dense':>7s}"
     for k in keys:
         head += f" {'gen ' + k + ' sent/s':>17s} {'x dense':>7s} {'tok/s':>8s} {'x dense':>7s}"
-    lines = [f"fairseq end to end: {res['experts']} experts, top-{res['top_k']}, {res['updates']} updates, {res.get('precision', 'fp32')} "
-             f"(train words/s: median of {res.get('repeats', 1)} interleaved runs; generate BATCHxBEAM: median of "
-             f"{res.get('gen_repeats', 1)})", head, "-" * len(head)]
+    lines = [
+        f"fairseq end to end: {res['experts']} experts, top-{res['top_k']}, {res['updates']} updates, {res.get('precision', 'fp32')} "
+        f"(train words/s: median of {res.get('repeats', 1)} interleaved runs; generate BATCHxBEAM: median of "
+        f"{res.get('gen_repeats', 1)})",
+        head,
+        "-" * len(head),
+    ]
     nan = float("nan")
     for r in res["rows"]:
         s = f"{r['task']:5s} {r['arch']:24s} {r['mode']:6s} {r['wps']:10.0f} {r.get('ratio', {}).get('wps', nan):7.2f}"
@@ -300,44 +461,67 @@ def table(res: dict) -> str:
             g = r.get("gen", {}).get(k)
             if g:
                 q = g.get("ratio", {})
-                s += (f" {g['sentences_per_s']:17.2f} {q.get('sentences_per_s', nan):7.2f}"
-                      f" {g['tokens_per_s']:8.1f} {q.get('tokens_per_s', nan):7.2f}")
+                s += (
+                    f" {g['sentences_per_s']:17.2f} {q.get('sentences_per_s', nan):7.2f}"
+                    f" {g['tokens_per_s']:8.1f} {q.get('tokens_per_s', nan):7.2f}"
+                )
             else:
                 s += f" {'-':>17s} {'-':>7s} {'-':>8s} {'-':>7s}"
         lines.append(s)
     if res.get("targets"):
         lines.append("targets (same run):")
         for t in res["targets"]:
-            lines.append(f"  {t['task']:5s} {t['figure']:38s} {t['ratio']:.2f}x (goal {t['goal']}) {'met' if t['met'] else 'NOT met'}")
+            lines.append(
+                f"  {t['task']:5s} {t['figure']:38s} {t['ratio']:.2f}x (goal {t['goal']}) {'met' if t['met'] else 'NOT met'}"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     import torch
 
-    p = argparse.ArgumentParser(prog="python -m meo_fairseq.benchmark model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m meo_fairseq.benchmark model", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--task", choices=("xsum", "lm", "all"), default="all")
-    p.add_argument("--arch", default="meo_transformer_tiny", help="architecture of the xsum (encoder-decoder) task")
+    p.add_argument(
+        "--arch", default="meo_transformer_tiny", help="architecture of the xsum (encoder-decoder) task"
+    )
     p.add_argument("--lm-arch", default="meo_transformer_lm_tiny", help="architecture of the lm task")
     p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=list(MODES))
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--updates", type=int, default=40)
-    p.add_argument("--repeats", type=int, default=3, help="training runs per mode, interleaved; words/s is their median")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="training runs per mode, interleaved; words/s is their median"
+    )
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--gen-subset", default="train", help="split to generate from (train: 200 documents; valid/test: 20)")
+    p.add_argument(
+        "--gen-subset", default="train", help="split to generate from (train: 200 documents; valid/test: 20)"
+    )
     p.add_argument("--gen", default="1x1,32x6", help="generate settings BATCHxBEAM, comma separated")
-    p.add_argument("--gen-len", type=int, default=60, help="tokens generated per sentence (minimum = maximum length)")
-    p.add_argument("--gen-repeats", type=int, default=3, help="generate runs per mode and setting, interleaved; sentences/s is their median")
+    p.add_argument(
+        "--gen-len", type=int, default=60, help="tokens generated per sentence (minimum = maximum length)"
+    )
+    p.add_argument(
+        "--gen-repeats",
+        type=int,
+        default=3,
+        help="generate runs per mode and setting, interleaved; sentences/s is their median",
+    )
     p.add_argument("--no-generate", action="store_true")
     p.add_argument("--vocab-size", type=int, default=1000, help="sentencepiece vocabulary of the xsum slice")
     p.add_argument("--workdir", help="keep data, checkpoints and logs here (default: a temporary directory)")
     p.add_argument("--threads", type=int, help="OMP/MKL threads of the fairseq processes (default: unset)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per fairseq command")
-    p.add_argument("--precision", choices=sorted(PRECISION_FLAGS), default="fp32",
-                   help="training precision: fairseq's --fp16 (GPU only), or --bf16 through python -m meo_fairseq.train; "
-                        "generation runs in fp16 for fp16, else in fp32 (fairseq-generate has no bfloat16)")
+    p.add_argument(
+        "--precision",
+        choices=sorted(PRECISION_FLAGS),
+        default="fp32",
+        help="training precision: fairseq's --fp16 (GPU only), or --bf16 through python -m meo_fairseq.train; "
+        "generation runs in fp16 for fp16, else in fp32 (fairseq-generate has no bfloat16)",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.repeats < 1:

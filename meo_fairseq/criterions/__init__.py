@@ -1,4 +1,3 @@
 """Registered criteria: ``moe_cross_entropy`` and ``moe_label_smoothed_cross_entropy``."""
 
-from . import moe_cross_entropy, moe_label_smoothed_cross_entropy  # noqa: F401
-from . import moe_masked_lm, moe_sentence_prediction  # noqa: F401
+from . import moe_cross_entropy, moe_label_smoothed_cross_entropy, moe_masked_lm, moe_sentence_prediction  # noqa: F401  # noqa: F401

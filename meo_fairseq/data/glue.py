@@ -72,8 +72,14 @@ TASKS: Dict[str, GlueTask] = {
         GlueTask("QQP", (3, 4), (1, 2), 5, 2, fields=6, metric="f1"),
         GlueTask("STS-B", (7, 8), (7, 8), 9, 1, metric="pearson"),
         GlueTask(
-            "MNLI", (8, 9), (8, 9), 11, 3, dev_splits=("dev_matched", "dev_mismatched"),
-            test_splits=("test_matched", "test_mismatched"), dev_label=15,
+            "MNLI",
+            (8, 9),
+            (8, 9),
+            11,
+            3,
+            dev_splits=("dev_matched", "dev_mismatched"),
+            test_splits=("test_matched", "test_mismatched"),
+            dev_label=15,
         ),
         GlueTask("QNLI", (1, 2), (1, 2), 3, 2),
         GlueTask("RTE", (1, 2), (1, 2), 3, 2),
@@ -117,7 +123,9 @@ def input_files(glue_dir: str, task: GlueTask) -> List[str]:
     return files
 
 
-def read_split(path: str, task: GlueTask, labelled: bool, dev: bool) -> Tuple[List[List[str]], List[str], int]:
+def read_split(
+    path: str, task: GlueTask, labelled: bool, dev: bool
+) -> Tuple[List[List[str]], List[str], int]:
     """Inputs (one list per input column) and labels of one TSV file; the number of dropped rows.
 
     Every row must have the columns the task reads, non-empty inputs and a label (a number for
@@ -141,7 +149,9 @@ def read_split(path: str, task: GlueTask, labelled: bool, dev: bool) -> Tuple[Li
             dropped += 1
             continue
         if len(row) <= need:
-            raise DataError(path, f"{len(row)} tab-separated fields, {task.name} needs at least {need + 1}", lineno)
+            raise DataError(
+                path, f"{len(row)} tab-separated fields, {task.name} needs at least {need + 1}", lineno
+            )
         for out, c in zip(inputs, cols):
             text = normalize_whitespace(row[c])
             if not text:
@@ -155,7 +165,9 @@ def read_split(path: str, task: GlueTask, labelled: bool, dev: bool) -> Tuple[Li
                 try:
                     float(label)
                 except ValueError:
-                    raise DataError(path, f"label {label!r} in column {label_col + 1} is not a number", lineno) from None
+                    raise DataError(
+                        path, f"label {label!r} in column {label_col + 1} is not a number", lineno
+                    ) from None
             labels.append(label)
     if not inputs[0]:
         raise DataError(path, "no examples")
@@ -203,7 +215,10 @@ def prepare_glue(
             continue
         inputs, labels, dropped = read_split(files[stem], task, labelled, dev=split.startswith("valid"))
         if dropped:
-            print(f"[prepare_glue] {files[stem]}: dropped {dropped} rows without {task.fields} fields (as fairseq)", file=sys.stderr)
+            print(
+                f"[prepare_glue] {files[stem]}: dropped {dropped} rows without {task.fields} fields (as fairseq)",
+                file=sys.stderr,
+            )
         data[split] = (stem, inputs, labels)
     if bpe == "gpt2":
         enc = _gpt2_encoder(encoder_json, vocab_bpe)
@@ -271,8 +286,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("\n".join(input_files(args.glue_dir, task_by_name(args.task))))
         else:
             prepare_glue(
-                args.glue_dir, args.task, args.text_dir, args.out, args.bpe, args.spm_model, args.vocab_size,
-                args.encoder_json, args.vocab_bpe, args.workers,
+                args.glue_dir,
+                args.task,
+                args.text_dir,
+                args.out,
+                args.bpe,
+                args.spm_model,
+                args.vocab_size,
+                args.encoder_json,
+                args.vocab_bpe,
+                args.workers,
             )
     except (DataError, ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -95,7 +95,9 @@ def iter_text_lines(path: str) -> Iterator[Tuple[int, str]]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(path, f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)", lineno)
+                    raise DataError(
+                        path, f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)", lineno
+                    )
                 if lineno == 1 and line.startswith("\ufeff"):
                     line = line[1:]
                 yield lineno, line
@@ -120,7 +122,9 @@ def _as_id(value, path: str, lineno: Optional[int], where: str = "") -> str:
         raise DataError(path, f"{where}field 'id' must be a string, got {type(value).__name__}", lineno)
     value = str(value)
     if not value or value != value.strip() or len(value.split()) != 1:
-        raise DataError(path, f"{where}field 'id' must be non-empty and contain no whitespace: {value!r}", lineno)
+        raise DataError(
+            path, f"{where}field 'id' must be non-empty and contain no whitespace: {value!r}", lineno
+        )
     return value
 
 
@@ -220,7 +224,9 @@ def read_squad(path: str, need_answer_positions: bool = True) -> List[dict]:
                     if need_answer_positions and context[start : start + len(atext)] != atext:
                         start = _nearest_occurrence(context, atext, start)
                         if start < 0:
-                            raise DataError(path, f"{awhere}: answer text {atext!r} does not occur in the context")
+                            raise DataError(
+                                path, f"{awhere}: answer text {atext!r} does not occur in the context"
+                            )
                     answers.append((atext, start))
                 if not answers:
                     raise DataError(path, f"{where}: no answers (SQuAD v1.1 questions all have at least one)")
@@ -297,7 +303,10 @@ def train_sentencepiece(
             keep.append(i)
             n += len(lines[i])
         lines = [lines[i] for i in sorted(keep)]
-        print(f"[prepare] sentencepiece: sampled {len(lines)} lines ({n} of {total} characters)", file=sys.stderr)
+        print(
+            f"[prepare] sentencepiece: sampled {len(lines)} lines ({n} of {total} characters)",
+            file=sys.stderr,
+        )
     spm.set_random_generator_seed(seed)
     buf = io.BytesIO()
     try:
@@ -387,7 +396,11 @@ def write_lines(path: str, lines: Iterable[str]) -> int:
 # XSum
 # --------------------------------------------------------------------------------------------
 
-XSUM_FILES = {"train": ("train.jsonl",), "valid": ("validation.jsonl", "valid.jsonl"), "test": ("test.jsonl",)}
+XSUM_FILES = {
+    "train": ("train.jsonl",),
+    "valid": ("validation.jsonl", "valid.jsonl"),
+    "test": ("test.jsonl",),
+}
 
 
 def xsum_input_files(raw_dir: str) -> List[str]:
@@ -408,7 +421,10 @@ def prepare_xsum(raw_dir: str, out_dir: str, text_dir: str, vocab_size: int, wor
     for split in SPLITS:
         n_empty = sum(1 for a, b in zip(src[split], tgt[split]) if not a or not b)
         if n_empty:
-            print(f"[prepare] warning: {data[split][0]}: {n_empty} examples with an empty document or summary (kept)", file=sys.stderr)
+            print(
+                f"[prepare] warning: {data[split][0]}: {n_empty} examples with an empty document or summary (kept)",
+                file=sys.stderr,
+            )
     proto = train_sentencepiece(src["train"] + tgt["train"], vocab_size)
     write_spm_files(proto, out_dir, os.path.join(text_dir, "dict.txt"))
     sp = load_sentencepiece(proto)
@@ -437,7 +453,9 @@ def _words(context: str) -> List[Tuple[int, int, str]]:
     return [(m.start(), m.end(), m.group()) for m in re.finditer(r"\S+", context)]
 
 
-def choose_window(counts: Sequence[int], budget: int, answer: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+def choose_window(
+    counts: Sequence[int], budget: int, answer: Optional[Tuple[int, int]] = None
+) -> Tuple[int, int]:
     """Choose the context window, a word range ``[start, end)`` whose pieces fit in ``budget``.
 
     ``counts`` are the sentencepiece pieces per word. Candidate windows are those of the sliding
@@ -470,7 +488,9 @@ def choose_window(counts: Sequence[int], budget: int, answer: Optional[Tuple[int
     return answer[0], end_from(answer[0])
 
 
-def squad_source_pieces(sp, question: str, context: str, max_source_tokens: int, answer_span=None, cache=None):
+def squad_source_pieces(
+    sp, question: str, context: str, max_source_tokens: int, answer_span=None, cache=None
+):
     """Pieces of ``question <sep> context-window`` (at most ``max_source_tokens - 1`` of them).
 
     Returns ``(pieces, (char_start, char_end), truncated)``: the window's character range in the
@@ -504,7 +524,9 @@ def squad_input_text(question: str, context: str) -> str:
     return f"{normalize_whitespace(question)} {SQUAD_SEP} {normalize_whitespace(context)}"
 
 
-def prepare_squad(raw_dir: str, out_dir: str, text_dir: str, vocab_size: int, max_source_tokens: int, workers: int = 1) -> None:
+def prepare_squad(
+    raw_dir: str, out_dir: str, text_dir: str, vocab_size: int, max_source_tokens: int, workers: int = 1
+) -> None:
     """SQuAD v1.1 -> spm model, encoded train/valid(=dev)/test(=dev) text, ids and dev answers.
 
     out_dir gets: spm.model, spm.vocab, {train,valid,test}.id, dev.answers.jsonl.
@@ -525,7 +547,9 @@ def prepare_squad(raw_dir: str, out_dir: str, text_dir: str, vocab_size: int, ma
         for q in questions:
             text, start = q["answers"][0]
             answer_span = (start, start + len(text)) if split == "train" else None
-            pieces, (c0, c1), truncated = squad_source_pieces(sp, q["question"], q["context"], max_source_tokens, answer_span, cache)
+            pieces, (c0, c1), truncated = squad_source_pieces(
+                sp, q["question"], q["context"], max_source_tokens, answer_span, cache
+            )
             src_lines.append(" ".join(pieces))
             n_trunc += truncated
             if truncated and split != "train":
@@ -544,7 +568,10 @@ def prepare_squad(raw_dir: str, out_dir: str, text_dir: str, vocab_size: int, ma
         print(msg, file=sys.stderr)
     write_lines(
         os.path.join(out_dir, "dev.answers.jsonl"),
-        (json.dumps({"id": q["id"], "answers": [t for t, _ in q["answers"]]}, ensure_ascii=False) for q in dev),
+        (
+            json.dumps({"id": q["id"], "answers": [t for t, _ in q["answers"]]}, ensure_ascii=False)
+            for q in dev
+        ),
     )
 
 
@@ -562,11 +589,15 @@ def detect_wikitext_format(raw_dir: str) -> str:
     if have["tokens"] and have["raw"]:
         raise DataError(raw_dir, "both wiki.train.tokens and wiki.train.raw exist: choose one with --format")
     if not (have["tokens"] or have["raw"]):
-        raise DataError(os.path.join(raw_dir, "wiki.train.tokens"), "missing train split file (or wiki.train.raw)")
+        raise DataError(
+            os.path.join(raw_dir, "wiki.train.tokens"), "missing train split file (or wiki.train.raw)"
+        )
     return "tokens" if have["tokens"] else "raw"
 
 
-def prepare_wikitext_raw(raw_dir: str, out_dir: str, text_dir: str, vocab_size: int, workers: int = 1) -> None:
+def prepare_wikitext_raw(
+    raw_dir: str, out_dir: str, text_dir: str, vocab_size: int, workers: int = 1
+) -> None:
     """WikiText raw text -> spm model and encoded ``{split}.txt`` (one output line per input line)."""
     lines = {}
     for split, path in zip(SPLITS, wikitext_input_files(raw_dir, "raw")):
@@ -586,13 +617,19 @@ def prepare_wikitext_raw(raw_dir: str, out_dir: str, text_dir: str, vocab_size: 
 
 XSUM_HF_DATASET = "EdinburghNLP/xsum"
 XSUM_PARQUET_API = "https://huggingface.co/api/datasets/{dataset}/parquet/default/{split}"
-XSUM_PARQUET_FALLBACK = "https://huggingface.co/datasets/{dataset}/resolve/refs%2Fconvert%2Fparquet/default/{split}/0000.parquet"
+XSUM_PARQUET_FALLBACK = (
+    "https://huggingface.co/datasets/{dataset}/resolve/refs%2Fconvert%2Fparquet/default/{split}/0000.parquet"
+)
 SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/{name}"
 WIKITEXT_URLS = {
-    "tokens": ["https://wikitext.smerity.com/wikitext-103-v1.zip",
-               "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"],
-    "raw": ["https://wikitext.smerity.com/wikitext-103-raw-v1.zip",
-            "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-raw-v1.zip"],
+    "tokens": [
+        "https://wikitext.smerity.com/wikitext-103-v1.zip",
+        "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
+    ],
+    "raw": [
+        "https://wikitext.smerity.com/wikitext-103-raw-v1.zip",
+        "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-raw-v1.zip",
+    ],
 }
 
 
@@ -639,7 +676,9 @@ def download_xsum(dest_dir: str) -> None:
             with urllib.request.urlopen(api, timeout=60) as r:
                 urls = json.load(r)
         except Exception as e:  # noqa: BLE001
-            print(f"[prepare] could not list parquet files ({e}); trying the default file name", file=sys.stderr)
+            print(
+                f"[prepare] could not list parquet files ({e}); trying the default file name", file=sys.stderr
+            )
             urls = [XSUM_PARQUET_FALLBACK.format(dataset=XSUM_HF_DATASET, split=split)]
         parts = []
         for k, url in enumerate(urls):
@@ -649,7 +688,13 @@ def download_xsum(dest_dir: str) -> None:
         with open(out + ".part", "w", encoding="utf-8", newline="\n") as f:
             for part in parts:
                 for row in pq.read_table(part, columns=["id", "document", "summary"]).to_pylist():
-                    f.write(json.dumps({"id": row["id"], "document": row["document"], "summary": row["summary"]}, ensure_ascii=False) + "\n")
+                    f.write(
+                        json.dumps(
+                            {"id": row["id"], "document": row["document"], "summary": row["summary"]},
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
         os.replace(out + ".part", out)
 
 
@@ -707,7 +752,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "xsum":
             prepare_xsum(args.raw, args.out, args.text_dir, args.vocab_size, args.workers)
         elif args.cmd == "squad":
-            prepare_squad(args.raw, args.out, args.text_dir, args.vocab_size, args.max_source_tokens, args.workers)
+            prepare_squad(
+                args.raw, args.out, args.text_dir, args.vocab_size, args.max_source_tokens, args.workers
+            )
         elif args.cmd == "wikitext-raw":
             prepare_wikitext_raw(args.raw, args.out, args.text_dir, args.vocab_size, args.workers)
         elif args.cmd == "check-text":

@@ -49,9 +49,17 @@ class MoETransformerEncoder(TransformerEncoder):
 class MoETransformerDecoder(TransformerDecoder):
     """fairseq's TransformerDecoder with one MoEConfig per layer (``moe_cfgs``)."""
 
-    def __init__(self, args, dictionary, embed_tokens, moe_cfgs, no_encoder_attn=False, output_projection=None):
+    def __init__(
+        self, args, dictionary, embed_tokens, moe_cfgs, no_encoder_attn=False, output_projection=None
+    ):
         self._moe_cfgs = list(moe_cfgs)
-        super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection)
+        super().__init__(
+            args,
+            dictionary,
+            embed_tokens,
+            no_encoder_attn=no_encoder_attn,
+            output_projection=output_projection,
+        )
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         cfg = TransformerConfig.from_namespace(cfg)
@@ -74,8 +82,16 @@ META_VERSION = 1
 
 # --moe-* options under which the same weights compute another function (or have other shapes)
 MEANING_OPTIONS = (
-    "moe_mode", "moe_level", "moe_experts", "moe_top_k", "moe_freq", "moe_expert_unit", "moe_decoder_routing",
-    "moe_segment_length", "moe_prefix_length", "moe_compressed_experts",
+    "moe_mode",
+    "moe_level",
+    "moe_experts",
+    "moe_top_k",
+    "moe_freq",
+    "moe_expert_unit",
+    "moe_decoder_routing",
+    "moe_segment_length",
+    "moe_prefix_length",
+    "moe_compressed_experts",
 )
 
 
@@ -151,7 +167,10 @@ def build_metadata(
     """
     files = dictionary_files or task_dictionary_files(task)
     dicts = []
-    for role, d, f in (("source", task.source_dictionary, files[0]), (target_role, task.target_dictionary, files[1])):
+    for role, d, f in (
+        ("source", task.source_dictionary, files[0]),
+        (target_role, task.target_dictionary, files[1]),
+    ):
         if d is not None:
             dicts.append({"role": role, "fingerprint": dictionary_fingerprint(d), "size": len(d), "file": f})
     moe = {name: _option_value(args, name) for name in MEANING_OPTIONS}
@@ -240,7 +259,9 @@ def check_loaded_metadata(model: torch.nn.Module, state_dict: dict, prefix: str 
     saved_tensor = state_dict.get(key)
     state_dict[key] = own_tensor.detach().clone().cpu()
     if saved_tensor is None:
-        logger.info("the checkpoint records no dictionary fingerprint (written by an older version): not checked")
+        logger.info(
+            "the checkpoint records no dictionary fingerprint (written by an older version): not checked"
+        )
         return
     saved, own = decode_metadata(saved_tensor), decode_metadata(own_tensor)
     if saved is None or own is None:
@@ -250,7 +271,9 @@ def check_loaded_metadata(model: torch.nn.Module, state_dict: dict, prefix: str 
     errors = dictionary_errors(saved, own, checkpoint)
     if errors:
         raise CheckpointMismatchError(
-            "dictionary mismatch: " + "; ".join(errors) + ". Token ids would mean other words and every score "
+            "dictionary mismatch: "
+            + "; ".join(errors)
+            + ". Token ids would mean other words and every score "
             "would be wrong: use data binarized with the training dictionary (fairseq-preprocess --srcdict/--tgtdict "
             "with the file the checkpoint was trained with)"
         )

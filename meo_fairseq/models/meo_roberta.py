@@ -125,7 +125,9 @@ class MEORobertaModel(MetadataCheckMixin, RobertaModel):
                 args.tokens_per_sample = task.max_positions()
             args.max_positions = args.tokens_per_sample
         if float(safe_getattr(args, "ffn_reg_scale_factor", 0.0) or 0.0) != 0.0:
-            raise ValueError("--ffn-reg-scale-factor is not supported by meo_roberta (it reads dense FFN weights)")
+            raise ValueError(
+                "--ffn-reg-scale-factor is not supported by meo_roberta (it reads dense FFN weights)"
+            )
         if safe_getattr(args, "ffn_blocks_to_remove", -1) not in (-1, None):
             raise ValueError("--ffn-blocks-to-remove is not supported by meo_roberta")
         if args.encoder_layers_to_keep:
@@ -151,14 +153,16 @@ class MEORobertaModel(MetadataCheckMixin, RobertaModel):
         dense = dict(dense)
         heads: Dict[str, Dict[str, torch.Tensor]] = {}
         for k in [k for k in dense if k.startswith(HEADS)]:
-            name, rest = k[len(HEADS):].split(".", 1)
+            name, rest = k[len(HEADS) :].split(".", 1)
             heads.setdefault(name, {})[rest] = dense.pop(k)
         self.upgrade_state_dict_named(dense, "")
         for k in [k for k in dense if k.startswith(HEADS)]:  # the upgrade adds this model's heads
             del dense[k]
         self._upcycled_heads = heads
         if heads:
-            logger.info("upcycling: classification heads %s are copied if registered", ", ".join(sorted(heads)))
+            logger.info(
+                "upcycling: classification heads %s are copied if registered", ", ".join(sorted(heads))
+            )
         return dense
 
     def register_classification_head(self, name, num_classes=None, inner_dim=None, **kwargs):
@@ -168,7 +172,9 @@ class MEORobertaModel(MetadataCheckMixin, RobertaModel):
             return
         head = self.classification_heads[name].state_dict()
         if set(saved) != set(head) or any(tuple(saved[k].shape) != tuple(v.shape) for k, v in head.items()):
-            logger.warning("upcycling: classification head %r differs in shape from the checkpoint's: not copied", name)
+            logger.warning(
+                "upcycling: classification head %r differs in shape from the checkpoint's: not copied", name
+            )
             return
         self.classification_heads[name].load_state_dict(saved)
         logger.info("upcycling: copied classification head %r", name)

@@ -46,7 +46,9 @@ class MEOTransformerModel(MetadataCheckMixin, TransformerModel):
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):
-        return MoETransformerEncoder(args, src_dict, embed_tokens, layer_configs(args, "encoder", args.encoder_layers))
+        return MoETransformerEncoder(
+            args, src_dict, embed_tokens, layer_configs(args, "encoder", args.encoder_layers)
+        )
 
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):

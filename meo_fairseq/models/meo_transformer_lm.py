@@ -58,7 +58,9 @@ class MEOTransformerLanguageModel(MetadataCheckMixin, TransformerLanguageModel):
             args.max_target_positions = safe_getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
         _warn_if_never_routed(moe_cfgs, safe_getattr(args, "tokens_per_sample", None))
         embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
-        decoder = MoETransformerDecoder(args, task.target_dictionary, embed_tokens, moe_cfgs, no_encoder_attn=True)
+        decoder = MoETransformerDecoder(
+            args, task.target_dictionary, embed_tokens, moe_cfgs, no_encoder_attn=True
+        )
         model = cls(decoder)
         task.meo_lm_positions = args.max_target_positions  # read by the eval-lm check below
         path = safe_getattr(args, "moe_upcycle_from", None)
@@ -79,7 +81,10 @@ def _warn_if_never_routed(moe_cfgs, tokens_per_sample):
         logger.warning(
             "--moe-decoder-routing %s with --moe-%s-length %d >= --tokens-per-sample %d: every position "
             "uses the learned default gate and the routers never route",
-            cfg.routing, cfg.routing, length, tokens_per_sample,
+            cfg.routing,
+            cfg.routing,
+            length,
+            tokens_per_sample,
         )
 
 

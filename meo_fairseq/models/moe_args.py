@@ -33,7 +33,9 @@ class MoEArgs(FairseqDataclass):
     )
     moe_expert_unit: ChoiceEnum(UNITS) = field(
         default="linear",
-        metadata={"help": "`linear`: fc1 and fc2 each have their own router (the authors' code); `ffn`: one router for both"},
+        metadata={
+            "help": "`linear`: fc1 and fc2 each have their own router (the authors' code); `ffn`: one router for both"
+        },
     )
     moe_decoder_routing: Optional[ChoiceEnum(DECODER_ROUTINGS)] = field(
         default=None,
@@ -50,10 +52,13 @@ class MoEArgs(FairseqDataclass):
         default=False, metadata={"help": "disable the noise of noisy top-k gating during training"}
     )
     moe_balance_loss: ChoiceEnum(BALANCE_LOSSES) = field(
-        default="cv", metadata={"help": "auxiliary load-balancing loss: CV^2(importance)+CV^2(load), Switch, or none"}
+        default="cv",
+        metadata={"help": "auxiliary load-balancing loss: CV^2(importance)+CV^2(load), Switch, or none"},
     )
     moe_balance_weight: float = field(default=0.01, metadata={"help": "weight of the balance loss"})
-    moe_z_loss_weight: float = field(default=0.0, metadata={"help": "weight of the router z-loss (ST-MoE uses 1e-3)"})
+    moe_z_loss_weight: float = field(
+        default=0.0, metadata={"help": "weight of the router z-loss (ST-MoE uses 1e-3)"}
+    )
     moe_compressed_experts: int = field(
         default=0, metadata={"help": "n_ce: how many of the top-k selected experts run as compressed experts"}
     )
@@ -106,7 +111,10 @@ def add_gate_noise_alias(parser):
     """``--moe-gate-noise`` (the default) beside the dataclass's ``--no-moe-gate-noise``."""
     try:
         parser.add_argument(
-            "--moe-gate-noise", dest="no_moe_gate_noise", action="store_false", help="noisy top-k gating (default)"
+            "--moe-gate-noise",
+            dest="no_moe_gate_noise",
+            action="store_false",
+            help="noisy top-k gating (default)",
         )
     except Exception:  # already added (argparse conflict)
         pass
@@ -123,7 +131,9 @@ def _token_block_order(args, is_lm: bool) -> str:
     if order == "auto":
         return "route_first" if is_lm else "block_first"
     if order not in ("route-first", "block-first", "route_first", "block_first"):
-        raise ValueError(f"--moe-token-block-order: unknown value {order!r}; choose auto, route-first or block-first")
+        raise ValueError(
+            f"--moe-token-block-order: unknown value {order!r}; choose auto, route-first or block-first"
+        )
     return order.replace("-", "_")
 
 
@@ -149,9 +159,13 @@ def layer_configs(args, side: str, num_layers: int, is_lm: bool = False) -> List
     if routing_flag is not None:
         routing_flag = str(routing_flag)
     if routing_flag is not None and routing_flag not in DECODER_ROUTINGS:
-        raise ValueError(f"--moe-decoder-routing: unknown value {routing_flag!r}; choose one of {', '.join(DECODER_ROUTINGS)}")
+        raise ValueError(
+            f"--moe-decoder-routing: unknown value {routing_flag!r}; choose one of {', '.join(DECODER_ROUTINGS)}"
+        )
     if is_lm and routing_flag == "encoder":
-        raise ValueError("--moe-decoder-routing encoder: a language model has no encoder; use segment, prefix or full")
+        raise ValueError(
+            "--moe-decoder-routing encoder: a language model has no encoder; use segment, prefix or full"
+        )
     if mode == "moe" and level == "token":
         routing = "token"
     elif side == "encoder":

@@ -33,9 +33,13 @@ def _dense_ffn(dense: dict, prefix: str, i: int):
         w = dense[plugin + "weight"]
         b = dense.get(plugin + "bias")
         if w.size(0) != 1:
-            raise ValueError(f"--moe-upcycle-from: {plugin}weight has {w.size(0)} experts; upcycling needs a dense model")
+            raise ValueError(
+                f"--moe-upcycle-from: {plugin}weight has {w.size(0)} experts; upcycling needs a dense model"
+            )
         return w[0], (b[0] if b is not None else None)
-    raise ValueError(f"--moe-upcycle-from: the checkpoint has no FFN weights for {prefix.rstrip('.')} ({plain}weight)")
+    raise ValueError(
+        f"--moe-upcycle-from: the checkpoint has no FFN weights for {prefix.rstrip('.')} ({plain}weight)"
+    )
 
 
 def _is_embedding(key: str) -> bool:
@@ -58,7 +62,9 @@ def resume_checkpoint() -> Optional[str]:
     """
     frame, cfg = sys._getframe(1), None
     while frame is not None:
-        if frame.f_code.co_name == "main" and frame.f_code.co_filename.endswith(os.path.join("fairseq_cli", "train.py")):
+        if frame.f_code.co_name == "main" and frame.f_code.co_filename.endswith(
+            os.path.join("fairseq_cli", "train.py")
+        ):
             cfg = frame.f_locals.get("cfg")
             break
         frame = frame.f_back
@@ -96,7 +102,9 @@ def load_dense_checkpoint(path: str) -> dict:
                 reason = f"a dict without 'model' (a bare state_dict?), keys {', '.join(map(str, list(raw)[:4]))}..."
             else:
                 reason = f"{type(e).__name__}: {e}"
-        raise ValueError(f"--moe-upcycle-from {path}: cannot read it as a fairseq checkpoint ({reason}); {expected}") from None
+        raise ValueError(
+            f"--moe-upcycle-from {path}: cannot read it as a fairseq checkpoint ({reason}); {expected}"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ValueError(f"--moe-upcycle-from {path}: no 'model' weights in it; {expected}")
     return state["model"]
@@ -113,12 +121,16 @@ def upcycle_from_checkpoint(model: torch.nn.Module, path: str, upgrade=None) -> 
     """
     restored = resume_checkpoint()
     if restored is not None:
-        logger.info("--moe-upcycle-from %s not read: fairseq-train restores the model from %s", path, restored)
+        logger.info(
+            "--moe-upcycle-from %s not read: fairseq-train restores the model from %s", path, restored
+        )
         return
     dense = load_dense_checkpoint(path)
     if upgrade is not None:
         dense = upgrade(dense)
-    ffn_prefixes = {name[: -len("fc1")]: m for name, m in model.named_modules() if isinstance(m, FairseqMoEFFN)}
+    ffn_prefixes = {
+        name[: -len("fc1")]: m for name, m in model.named_modules() if isinstance(m, FairseqMoEFFN)
+    }
     own = model.state_dict()
     copied, skipped = 0, []
     for key, tensor in own.items():
@@ -130,7 +142,12 @@ def upcycle_from_checkpoint(model: torch.nn.Module, path: str, upgrade=None) -> 
             skipped.append(key)
             continue
         src = dense[key]
-        if _is_embedding(key) and src.dim() == 2 and src.size(0) == tensor.size(0) + 1 and src.size(1) == tensor.size(1):
+        if (
+            _is_embedding(key)
+            and src.dim() == 2
+            and src.size(0) == tensor.size(0) + 1
+            and src.size(1) == tensor.size(1)
+        ):
             # as fairseq's BART loader: bart.* checkpoints have one more row (<mask>) than the
             # GPT-2 dictionary they are fine-tuned with
             logger.warning("upcycling: %s has one more row in %s (<mask>); dropping the last row", key, path)
@@ -158,5 +175,10 @@ def upcycle_from_checkpoint(model: torch.nn.Module, path: str, upgrade=None) -> 
         except ValueError as e:
             raise ValueError(f"--moe-upcycle-from: {prefix}fc1/fc2: {e}") from None
     if skipped:
-        logger.warning("upcycling: %d tensors not in %s keep their initialisation: %s", len(skipped), path, ", ".join(skipped[:8]))
+        logger.warning(
+            "upcycling: %d tensors not in %s keep their initialisation: %s",
+            len(skipped),
+            path,
+            ", ".join(skipped[:8]),
+        )
     logger.info("upcycled %d expert FFNs and copied %d tensors from %s", len(ffn_prefixes), copied, path)

@@ -19,7 +19,6 @@ from .experts import StackedExperts
 from .merge import apply_merged, merge_weights
 from .router import Router, Routing, _stack, _where
 
-
 # ---- gates of new positions ---------------------------------------------------------------------
 
 

@@ -26,11 +26,11 @@ from torch import Tensor
 from . import reference
 from .config import MoEConfig, resolve_impl
 from .costs import CALL_COST, GROUP_COST, STREAM_COST, choose_merge  # noqa: F401  (old names kept here)
+from .decoding import CachedMerges, MergedCache, _runs, reorder_state  # noqa: F401  (old names kept here)
 from .dispatch import dispatch, mix_linear
 from .experts import StackedExperts, TokenBlock
 from .merge import merged_linear
 from .reference import Gates
-from .decoding import CachedMerges, MergedCache, _runs, reorder_state  # noqa: F401  (old names kept here)
 from .router import Router, Routing
 
 

@@ -99,7 +99,9 @@ def main(argv=None) -> int:
     group.add_argument("--num", type=int, help="number of samples in the split")
     p.add_argument("--kind", default="H", choices=["H", "D"], help="which lines to read (default H)")
     p.add_argument("--decode", default="auto", choices=["auto", "spm", "none"])
-    p.add_argument("--allow-missing", action="store_true", help="write an empty line for a sample without hypothesis")
+    p.add_argument(
+        "--allow-missing", action="store_true", help="write an empty line for a sample without hypothesis"
+    )
     args = p.parse_args(argv)
     try:
         num = len(read_lines(args.ids)) if args.ids else args.num
@@ -113,7 +115,10 @@ def main(argv=None) -> int:
         return 2
     except ValueError as e:
         msg = str(e)
-        print(f"error: {msg if msg.startswith(args.generate_output) else f'{args.generate_output}: {msg}'}", file=sys.stderr)
+        print(
+            f"error: {msg if msg.startswith(args.generate_output) else f'{args.generate_output}: {msg}'}",
+            file=sys.stderr,
+        )
         return 2
     with open(args.out, "w", encoding="utf-8", newline="\n") as f:
         for h in hyps:

@@ -90,14 +90,21 @@ def predict(data: str, checkpoint: str, subset: str = "valid", batch_size: int =
     if use_cuda:
         model.cuda()
     model.eval()
-    head = cfg.criterion.get("classification_head_name", "sentence_classification_head") if cfg.criterion else None
+    head = (
+        cfg.criterion.get("classification_head_name", "sentence_classification_head")
+        if cfg.criterion
+        else None
+    )
     head = head or "sentence_classification_head"
     regression = bool(cfg.task.regression_target)
     task.load_dataset(subset, combine=False, epoch=1)
     dataset = task.dataset(subset)
     itr = task.get_batch_iterator(
-        dataset=dataset, max_sentences=batch_size, max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-        ignore_invalid_inputs=False, num_workers=0,
+        dataset=dataset,
+        max_sentences=batch_size,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+        ignore_invalid_inputs=False,
+        num_workers=0,
     ).next_epoch_itr(shuffle=False)
     ids: List[int] = []
     preds: List[Label] = []
@@ -137,7 +144,9 @@ def _read_labels(path: str, task: str) -> List[Label]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m meo_fairseq.scoring.glue", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m meo_fairseq.scoring.glue", description=__doc__.split("\n\n")[0]
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("predict")
     pr.add_argument("--task", required=True)
@@ -165,8 +174,10 @@ def main(argv=None) -> int:
                 f.writelines(_fmt(x) + "\n" for x in labels)
         scores = glue_metrics(task, pred, gold)
         scores = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()}
-        return report({"task": task, "subset": args.subset, "checkpoint": os.path.abspath(args.checkpoint), **scores},
-                      os.path.join(args.out, "glue.json"))
+        return report(
+            {"task": task, "subset": args.subset, "checkpoint": os.path.abspath(args.checkpoint), **scores},
+            os.path.join(args.out, "glue.json"),
+        )
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

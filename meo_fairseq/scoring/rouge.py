@@ -21,7 +21,9 @@ from ._io import read_lines, report
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
-def rouge_scores(hypotheses: Sequence[str], references: Sequence[str], use_stemmer: bool = True) -> Dict[str, float]:
+def rouge_scores(
+    hypotheses: Sequence[str], references: Sequence[str], use_stemmer: bool = True
+) -> Dict[str, float]:
     """Mean ROUGE-1/2/L F-measure (percent) of ``hypotheses`` against ``references`` (pairwise).
 
     Returns ``{"rouge1": ..., "rouge2": ..., "rougeL": ..., "num_examples": n}``.
@@ -45,7 +47,10 @@ def rouge_scores(hypotheses: Sequence[str], references: Sequence[str], use_stemm
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m meo_fairseq.scoring.rouge", description="ROUGE-1/2/L F-measure (percent), rouge-score with stemming.")
+    p = argparse.ArgumentParser(
+        prog="python -m meo_fairseq.scoring.rouge",
+        description="ROUGE-1/2/L F-measure (percent), rouge-score with stemming.",
+    )
     p.add_argument("--hyp", required=True, help="hypotheses, one per line")
     p.add_argument("--ref", required=True, help="references, one per line, same order")
     p.add_argument("--out", help="write the scores to this JSON file")

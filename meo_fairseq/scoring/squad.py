@@ -56,7 +56,9 @@ def f1_score(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def max_over_references(metric: Callable[[str, str], float], prediction: str, references: Sequence[str]) -> float:
+def max_over_references(
+    metric: Callable[[str, str], float], prediction: str, references: Sequence[str]
+) -> float:
     if not references:
         raise ValueError("no reference answers")
     return max(metric(prediction, ref) for ref in references)
@@ -82,7 +84,12 @@ def squad_scores(predictions: Mapping[str, str], references: Mapping[str, Sequen
         em += max_over_references(exact_match_score, predictions[qid], answers)
         f1 += max_over_references(f1_score, predictions[qid], answers)
     n = len(references)
-    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n, "num_questions": n, "num_unanswered": unanswered}
+    return {
+        "exact_match": 100.0 * em / n,
+        "f1": 100.0 * f1 / n,
+        "num_questions": n,
+        "num_unanswered": unanswered,
+    }
 
 
 def load_references(path: str) -> Dict[str, List[str]]:
@@ -119,7 +126,9 @@ def load_predictions(hyp_path: str, ids_path: str = None) -> Dict[str, str]:
         try:
             preds = json.loads(read_text(hyp_path))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{hyp_path}: not a JSON predictions file ({e}); give --ids for a text file") from None
+            raise ValueError(
+                f"{hyp_path}: not a JSON predictions file ({e}); give --ids for a text file"
+            ) from None
         if not isinstance(preds, dict):
             raise ValueError(f"{hyp_path}: without --ids, --hyp must be a JSON object id -> answer")
         return {str(k): str(v) for k, v in preds.items()}
@@ -135,8 +144,12 @@ def load_predictions(hyp_path: str, ids_path: str = None) -> Dict[str, str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m meo_fairseq.scoring.squad", description="SQuAD v1.1 exact match and F1 (percent).")
-    p.add_argument("--hyp", required=True, help="predicted answers, one per line (or a predictions JSON without --ids)")
+    p = argparse.ArgumentParser(
+        prog="python -m meo_fairseq.scoring.squad", description="SQuAD v1.1 exact match and F1 (percent)."
+    )
+    p.add_argument(
+        "--hyp", required=True, help="predicted answers, one per line (or a predictions JSON without --ids)"
+    )
     p.add_argument("--ids", help="question ids, one per line, in the order of --hyp (e.g. test.id)")
     p.add_argument("--ref", required=True, help="dev.answers.jsonl or dev-v1.1.json")
     p.add_argument("--out", help="write the scores to this JSON file")
@@ -147,7 +160,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if scores["num_unanswered"]:
-        print(f"warning: {scores['num_unanswered']} questions have no prediction and score 0", file=sys.stderr)
+        print(
+            f"warning: {scores['num_unanswered']} questions have no prediction and score 0", file=sys.stderr
+        )
     return report(scores, args.out)
 
 
