@@ -114,7 +114,10 @@ def heatmap(routing, path):
 
 
 def print_table(title, rows):
-    head = f"{'model':<6} {'params':>9} {'active/token':>12} {'valid ppl':>9} {'test ppl':>9} {'train time':>10} {'ms/update':>9}"
+    head = (
+        f"{'model':<6} {'params':>9} {'active/token':>12} {'valid ppl':>9} {'test ppl':>9} "
+        f"{'train time':>10} {'ms/update':>9}"
+    )
     print(f"\n{title}\n{head}\n{'-' * len(head)}")
     for name, r in rows.items():
         print(
@@ -239,12 +242,14 @@ def main():
     trails = [verdict(title.split(",")[0], rows) for title, rows in tables.values()]
     if any(trails):
         print(
-            "\n  Experts still trail dense here. In the quality study (docs/quality.md, 3 seeds), MEO trails\n"
+            "\n  Experts still trail dense here. In the quality study (docs/quality.md, 3 seeds), "
+            "MEO trails\n"
             "  dense in every setting measured at this size, and vanilla MoE is below dense only when\n"
             "  upcycled without gate noise and with a random router (this demo's expert options)."
         )
     print(
-        f"\n(training time: updates x the run's median time per update; one seed, see docs/quality.md for the "
+        f"\n(training time: updates x the run's median time per update; one seed, "
+        f"see docs/quality.md for the "
         f"study over 3 seeds)\nplots: {args.out}/curves.png, {args.out}/routing_heatmap.png; numbers: "
         f"{args.out}/results.json\ntotal {time.time() - t0:.0f} s"
     )

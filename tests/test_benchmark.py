@@ -301,16 +301,26 @@ def test_run_shape_ratios_and_targets():
 def test_parse_fairseq_logs():
     log = "\n".join(
         [
-            "2024-01-01 | INFO | train_inner | epoch 001:     10 / 25 loss=9.1, wps=1000, ups=2, num_updates=10",
-            "2024-01-01 | INFO | train_inner | epoch 001:     20 / 25 loss=8.1, wps=3000, ups=2, num_updates=20",
-            "2024-01-01 | INFO | train_inner | epoch 002:     30 / 25 loss=7.1, wps=5000, ups=2, num_updates=30",
+            (
+                "2024-01-01 | INFO | train_inner | epoch 001:     10 / 25 "
+                "loss=9.1, wps=1000, ups=2, num_updates=10"
+            ),
+            (
+                "2024-01-01 | INFO | train_inner | epoch 001:     20 / 25 "
+                "loss=8.1, wps=3000, ups=2, num_updates=20"
+            ),
+            (
+                "2024-01-01 | INFO | train_inner | epoch 002:     30 / 25 "
+                "loss=7.1, wps=5000, ups=2, num_updates=30"
+            ),
             "2024-01-01 | INFO | train | epoch 001 | loss 8 | wps 1e+06",
         ]
     )
     w = MD.train_wps(log)
     assert w["wps"] == 4000 and w["wps_intervals"] == [1000, 3000, 5000]
     g = MD.generate_speed(
-        "INFO | fairseq_cli.generate | Translated 1,020 sentences (61,200 tokens) in 12.5s (81.60 sentences/s, 4896.00 tokens/s)"
+        "INFO | fairseq_cli.generate | Translated 1,020 sentences (61,200 tokens) in 12.5s "
+        "(81.60 sentences/s, 4896.00 tokens/s)"
     )
     assert g == {
         "sentences": 1020,

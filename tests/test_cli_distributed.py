@@ -71,7 +71,7 @@ def two_ranks(lm_bin, tmp_path_factory):
                 break
             time.sleep(0.1)
     finally:
-        for cmd, log, p in procs:
+        for _cmd, log, p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
@@ -103,7 +103,8 @@ def test_two_process_training_ends_with_identical_parameters(two_ranks):
     for k in fin0:
         assert torch.equal(init0[k], init1[k]), f"ranks start from different values of {k}"
         assert torch.equal(fin0[k], fin1[k]), (
-            f"ranks end with different values of {k}: max diff {(fin0[k].float() - fin1[k].float()).abs().max()}"
+            f"ranks end with different values of {k}: "
+            f"max diff {(fin0[k].float() - fin1[k].float()).abs().max()}"
         )
     changed = [k for k in fin0 if fin0[k].is_floating_point() and not torch.equal(fin0[k], init0[k])]
     # every trained tensor moved (embeddings, attention, experts, routers)

@@ -216,7 +216,8 @@ def test_meo_checkpoint_evaluated_as_moe_gives_the_same_loss(lm_bin, lm_models):
         ]
     )
     print(
-        f"eval-lm loss: MEO {t.ev.precise_loss:.6f} ({t.ev.loss}), MEO-as-MoE {as_moe.precise_loss:.6f} ({as_moe.loss})"
+        f"eval-lm loss: MEO {t.ev.precise_loss:.6f} ({t.ev.loss}), "
+        f"MEO-as-MoE {as_moe.precise_loss:.6f} ({as_moe.loss})"
     )
     assert abs(as_moe.precise_loss - t.ev.precise_loss) < 1e-3, (t.ev, as_moe)
     assert abs(as_moe.loss - t.ev.loss) < 1e-3
@@ -289,7 +290,8 @@ def test_upcycled_model_computes_the_dense_function(upcycled, name):
     rows = train_inner(log)
     assert [r["num_updates"] for r in rows] == [1] and "moe_balance" in rows[0], rows
     print(
-        f"eval-lm loss: dense {dense.ev.precise_loss:.6f} ({dense.ev.loss}), upcycled {name} at update 0 {up.precise_loss:.6f} ({up.loss})"
+        f"eval-lm loss: dense {dense.ev.precise_loss:.6f} ({dense.ev.loss}), "
+        f"upcycled {name} at update 0 {up.precise_loss:.6f} ({up.loss})"
     )
     assert abs(up.precise_loss - dense.ev.precise_loss) < 1e-4, (dense.ev, up)
     assert up.loss == pytest.approx(dense.ev.loss, abs=1.5e-4)

@@ -289,7 +289,8 @@ def test_upcycle_from_fairseq_transformer(s2s_models, s2s_outputs):
     assert sorted(dense) == sorted(up) == list(range(N_VALID))
     diff = max(abs(dense[i][0] - up[i][0]) for i in dense)
     print(
-        f"score-reference, dense transformer vs upcycled meo_transformer_tiny at update 0: max difference {diff:.2e}"
+        "score-reference, dense transformer vs upcycled meo_transformer_tiny at update 0: "
+        f"max difference {diff:.2e}"
     )
     assert diff < 1e-4, diff
     # the validation that ends each training run: same loss and nll_loss

@@ -44,8 +44,8 @@ GLUE_DATA = (
 )
 SETUP = "sets up an environment (.ci/run runs the test command itself)"
 
-# (file, a piece of the block's text; "\n" matches its start and end too) -> kind or ("skip", reason). Within a file, smoke blocks run first, then
-# the others in their order in the file.
+# (file, a piece of the block's text; "\n" matches its start and end too) -> kind or ("skip", reason).
+# Within a file, smoke blocks run first, then the others in their order in the file.
 BLOCKS = {
     ("README.md", "bash scripts/run_tests.sh"): ("skip", SETUP),
     ("README.md", "pip install --no-deps ve-fairseq==0.12.3"): ("skip", SETUP),
@@ -54,7 +54,8 @@ BLOCKS = {
     ("README.md", "torchrun --nproc_per_node 8"): ("skip", GPUS),
     ("README.md", "from meo_fairseq.modules import MoEConfig, MoEFFN"): "run",
     ("examples/xsum/README.md", "scripts/prepare_xsum.sh --out data-bin/xsum"): ("skip", NEEDS_NETWORK),
-    ("examples/xsum/README.md", "\nscripts/train_xsum.sh --data data-bin/xsum --save-dir checkpoints/xsum-meo\n"): "dry-run",
+    ("examples/xsum/README.md",
+     "\nscripts/train_xsum.sh --data data-bin/xsum --save-dir checkpoints/xsum-meo\n"): "dry-run",
     ("examples/xsum/README.md", "--save-dir checkpoints/xsum-moe --moe-mode moe"): "dry-run",
     ("examples/xsum/README.md", "scripts/eval_xsum.sh --data data-bin/xsum --checkpoint"): "run",
     ("examples/xsum/README.md", "mkdir -p results/xsum-meo"): "run",
@@ -62,8 +63,11 @@ BLOCKS = {
     ("examples/xsum/README.md", "MEO_LAUNCHER=torchrun \\"): "dry-run",
     ("examples/xsum/README.md", "wget https://dl.fbaipublicfiles.com"): ("skip", NEEDS_NETWORK),
     ("examples/xsum/README.md", "scripts/prepare_xsum.sh --raw tests/data/xsum"): "smoke",
-    ("examples/wikitext/README.md", "scripts/prepare_wikitext.sh --out data-bin/wikitext-103"): ("skip", NEEDS_NETWORK),
-    ("examples/wikitext/README.md", "\nscripts/train_wikitext.sh --data data-bin/wikitext-103 --save-dir checkpoints/wt103-meo\n"): "dry-run",
+    ("examples/wikitext/README.md", "scripts/prepare_wikitext.sh --out data-bin/wikitext-103"):
+        ("skip", NEEDS_NETWORK),
+    ("examples/wikitext/README.md",
+     "\nscripts/train_wikitext.sh --data data-bin/wikitext-103 --save-dir checkpoints/wt103-meo\n"):
+        "dry-run",
     ("examples/wikitext/README.md", "--save-dir checkpoints/wt103-moe --moe-mode moe"): "dry-run",
     ("examples/wikitext/README.md", "--save-dir checkpoints/wt103-meo-768"): "dry-run",
     ("examples/wikitext/README.md", "--save-dir checkpoints/wt2-meo"): "dry-run",
@@ -73,14 +77,16 @@ BLOCKS = {
     ("examples/wikitext/README.md", "--save-dir checkpoints/wt103-meo-up"): ("skip", FULL_DATA),
     ("examples/wikitext/README.md", "scripts/prepare_wikitext.sh --raw tests/data/wikitext-2"): "smoke",
     ("examples/squad/README.md", "scripts/prepare_squad.sh --out data-bin/squad"): ("skip", NEEDS_NETWORK),
-    ("examples/squad/README.md", "\nscripts/train_squad.sh --data data-bin/squad --save-dir checkpoints/squad-meo\n"): "dry-run",
+    ("examples/squad/README.md",
+     "\nscripts/train_squad.sh --data data-bin/squad --save-dir checkpoints/squad-meo\n"): "dry-run",
     ("examples/squad/README.md", "--save-dir checkpoints/squad-meo-k8 --moe-top-k 8"): "dry-run",
     ("examples/squad/README.md", "scripts/eval_squad.sh --data data-bin/squad --checkpoint"): "run",
     ("examples/squad/README.md", "mkdir -p results/squad-meo"): "run",
     ("examples/squad/README.md", "CUDA_VISIBLE_DEVICES=0,1,2,3 scripts/train_squad.sh"): "dry-run",
     ("examples/squad/README.md", "--save-dir checkpoints/squad-meo-up"): ("skip", FULL_DATA),
     ("examples/squad/README.md", "scripts/prepare_squad.sh --raw tests/data/squad"): "smoke",
-    ("examples/glue/README.md", "scripts/prepare_glue.sh --task RTE --glue-dir glue_data"): ("skip", NEEDS_NETWORK),
+    ("examples/glue/README.md", "scripts/prepare_glue.sh --task RTE --glue-dir glue_data"):
+        ("skip", NEEDS_NETWORK),
     ("examples/glue/README.md", "--save-dir checkpoints/rte-meo-token"): ("skip", GLUE_DATA),
     ("examples/glue/README.md", "scripts/eval_glue.sh --task RTE"): ("skip", GLUE_DATA),
     # the QNLI-sample pipeline, shortened: one seed and one epoch (validated and saved) instead of five
@@ -98,7 +104,8 @@ BLOCKS = {
 STAND_INS = {
     "data-bin/xsum": "tmp/xsum-bin", "checkpoints/xsum-meo": "tmp/xsum-ckpt",
     "data-bin/squad": "tmp/squad-bin", "checkpoints/squad-meo": "tmp/squad-ckpt",
-    "data-bin/wikitext-103": "tmp/wt-bin", "data-bin/wikitext-2": "tmp/wt-bin", "checkpoints/wt103-meo": "tmp/wt-ckpt",
+    "data-bin/wikitext-103": "tmp/wt-bin", "data-bin/wikitext-2": "tmp/wt-bin",
+    "checkpoints/wt103-meo": "tmp/wt-ckpt",
 }  # fmt: skip
 
 

@@ -16,7 +16,8 @@ TPS = 64  # LM_COMMON's --tokens-per-sample
 def lm_checkpoint(lm_bin, tmp_path_factory):
     save = tmp_path_factory.mktemp("lm_ctx")
     run("train", [
-        lm_bin, "--user-dir", USER_DIR, "--arch", "meo_transformer_lm_tiny", "--criterion", "moe_cross_entropy",
+        lm_bin, "--user-dir", USER_DIR, "--arch", "meo_transformer_lm_tiny",
+        "--criterion", "moe_cross_entropy",
         "--moe-experts", "4", "--moe-top-k", "2", "--moe-segment-length", "16", *LM_COMMON, *SGD_LR0,
         "--max-update", "1", "--save-dir", save,
     ])  # fmt: skip
@@ -24,8 +25,8 @@ def lm_checkpoint(lm_bin, tmp_path_factory):
 
 
 def eval_args(lm_bin, ckpt, *extra):
-    return [lm_bin, "--user-dir", USER_DIR, "--path", ckpt, "--gen-subset", "test", "--cpu", "--num-workers", "0",
-            "--max-tokens", "4096", *extra]  # fmt: skip
+    return [lm_bin, "--user-dir", USER_DIR, "--path", ckpt, "--gen-subset", "test", "--cpu",
+            "--num-workers", "0", "--max-tokens", "4096", *extra]  # fmt: skip
 
 
 def test_eval_lm_too_long_context_fails_loudly(lm_bin, lm_checkpoint):
@@ -33,7 +34,8 @@ def test_eval_lm_too_long_context_fails_loudly(lm_bin, lm_checkpoint):
         ("eval_lm", eval_args(lm_bin, lm_checkpoint)),  # fairseq's default --tokens-per-sample 1024
         ("eval_lm", eval_args(lm_bin, lm_checkpoint, "--tokens-per-sample", 2 * TPS)),
         # a window of 48 tokens before blocks of 80 - 48 = 32: inputs of 80 > 64 positions
-        ("eval_lm", eval_args(lm_bin, lm_checkpoint, "--tokens-per-sample", TPS + 16, "--context-window", 48)),
+        ("eval_lm", eval_args(lm_bin, lm_checkpoint, "--tokens-per-sample", TPS + 16,
+                              "--context-window", 48)),
     ])  # fmt: skip
     for res, flag in ((default, 1024), (longer, 2 * TPS), (window, TPS + 16)):
         assert res.returncode != 0, res.describe()

@@ -25,8 +25,8 @@ DATA = REPO / "tests" / "data"
 SCRIPTS = REPO / "scripts"
 sys.path.insert(0, str(REPO))
 
-from meo_fairseq.data import glue as G
-from meo_fairseq.scoring.glue import glue_metrics
+from meo_fairseq.data import glue as G  # noqa: E402
+from meo_fairseq.scoring.glue import glue_metrics  # noqa: E402
 
 GLUE_NAMES = ("CoLA", "SST-2", "MRPC", "QQP", "STS-B", "MNLI", "QNLI", "RTE", "WNLI")
 TINY_DENSE = [
@@ -58,8 +58,8 @@ def env(**extra):
 
 def run_script(name, *args, timeout=300):
     return subprocess.run(
-        ["bash", str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True, env=env(), cwd=str(REPO),
-        timeout=timeout,
+        ["bash", str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True, env=env(),
+        cwd=str(REPO), timeout=timeout,
     )  # fmt: skip
 
 
@@ -115,7 +115,8 @@ def enwiki(work):
 def qnli(work, enwiki):
     out = work / "qnli-bin"
     ok(run_script("prepare_glue.sh", "--task", "QNLI", "--glue-dir", DATA / "glue", "--out", out,
-                  "--spm-model", enwiki / "spm.model", "--dict", enwiki / "dict.txt", "--workers", 1))  # fmt: skip
+                  "--spm-model", enwiki / "spm.model", "--dict", enwiki / "dict.txt",
+                  "--workers", 1))  # fmt: skip
     return out
 
 
@@ -232,8 +233,8 @@ def test_upcycle_dense_roberta_exact(dense_roberta, enwiki, mode, level):
 def test_sequence_routing_ignores_padding(enwiki, level):
     """The routers read the masked mean over each input's real tokens: a padded sequence in a batch
     gets the output it gets alone (random routers, so the gates matter)."""
-    task, meo = _build(enwiki, "--task", "masked_lm", "--tokens-per-sample", 512, "--arch", "meo_roberta_tiny",
-                       *MOE_SMALL, "--moe-level", level)  # fmt: skip
+    task, meo = _build(enwiki, "--task", "masked_lm", "--tokens-per-sample", 512,
+                       "--arch", "meo_roberta_tiny", *MOE_SMALL, "--moe-level", level)  # fmt: skip
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in meo.named_parameters():
@@ -278,8 +279,8 @@ def test_upcycle_released_layout_with_heads(dense_roberta, qnli, work):
     torch.save(state, released)
     task, meo = _build(
         qnli, "--task", "sentence_prediction", "--num-classes", 2, "--init-token", 0, "--separator-token", 2,
-        "--criterion", "moe_sentence_prediction", "--arch", "meo_roberta_tiny", *MOE_SMALL, "--moe-level", "token",
-        "--moe-upcycle-from", released,
+        "--criterion", "moe_sentence_prediction", "--arch", "meo_roberta_tiny", *MOE_SMALL,
+        "--moe-level", "token", "--moe-upcycle-from", released,
     )  # fmt: skip
     src = _tokens(len(task.source_dictionary))
     with torch.no_grad():
@@ -300,8 +301,8 @@ def test_qnli_finetune_upcycled_and_evaluate(qnli, dense_roberta, work):
                          "--upcycle-from", dense_roberta, *FINETUNE))  # fmt: skip
     assert "--moe-level token" in proc.stderr and "--moe-upcycle-from" in proc.stderr
     assert "upcycled 2 expert FFNs" in proc.stdout + proc.stderr
-    proc = ok(run_script("eval_glue.sh", "--task", "QNLI", "--data", qnli, "--checkpoint", save / "checkpoint_last.pt",
-                         "--out", out, "--cpu"))  # fmt: skip
+    proc = ok(run_script("eval_glue.sh", "--task", "QNLI", "--data", qnli,
+                         "--checkpoint", save / "checkpoint_last.pt", "--out", out, "--cpu"))  # fmt: skip
     scores = json.loads((out / "glue.json").read_text())
     assert scores == json.loads(proc.stdout)
     assert scores["task"] == "QNLI" and scores["examples"] == 200
@@ -335,7 +336,8 @@ def test_stsb_regression(work, enwiki, meo_mlm):
     raw, data, save, out = work / "stsb_raw", work / "stsb-bin", work / "ft_stsb", work / "eval_stsb"
     _stsb(raw)
     ok(run_script("prepare_glue.sh", "--task", "sts-b", "--glue-dir", raw, "--out", data,
-                  "--spm-model", enwiki / "spm.model", "--dict", enwiki / "dict.txt", "--workers", 1))  # fmt: skip
+                  "--spm-model", enwiki / "spm.model", "--dict", enwiki / "dict.txt",
+                  "--workers", 1))  # fmt: skip
     assert (data / "label" / "train.label").read_text().split()[:1] in (["0.84"], ["0.2"])
     assert not (data / "input1" / "test.idx").exists() and (data / "input1" / "valid.idx").exists()
     proc = ok(run_script("train_glue.sh", "--task", "STS-B", "--data", data, "--save-dir", save,
@@ -343,8 +345,8 @@ def test_stsb_regression(work, enwiki, meo_mlm):
                          "--init-from", meo_mlm[0]))  # fmt: skip
     assert "--regression-target" in proc.stderr and "--num-classes 1" in proc.stderr
     assert "num_updates 3" in proc.stdout + proc.stderr and "--finetune-from-model" in proc.stderr
-    ok(run_script("eval_glue.sh", "--task", "stsb", "--data", data, "--checkpoint", save / "checkpoint_last.pt",
-                  "--out", out, "--cpu"))  # fmt: skip
+    ok(run_script("eval_glue.sh", "--task", "stsb", "--data", data,
+                  "--checkpoint", save / "checkpoint_last.pt", "--out", out, "--cpu"))  # fmt: skip
     scores = json.loads((out / "glue.json").read_text())
     assert scores["task"] == "STS-B" and scores["examples"] == 20 and set(scores) >= {"pearson", "spearman"}
     gold = [float(x) for x in (out / "gold.valid.txt").read_text().split()]
@@ -423,8 +425,9 @@ def test_columns_of_every_task(tmp_path, name):
         else:
             assert labels == []
     # fairseq's preprocess_GLUE_tasks.sh columns (1-based) for the labelled splits
-    fairseq_cols = {"QQP": (4, 5, 6), "MNLI": (9, 10, 12), "QNLI": (2, 3, 4), "MRPC": (4, 5, 1), "RTE": (2, 3, 4),
-                    "STS-B": (8, 9, 10), "SST-2": (1, 2), "CoLA": (4, 2), "WNLI": (2, 3, 4)}  # fmt: skip
+    fairseq_cols = {"QQP": (4, 5, 6), "MNLI": (9, 10, 12), "QNLI": (2, 3, 4), "MRPC": (4, 5, 1),
+                    "RTE": (2, 3, 4), "STS-B": (8, 9, 10), "SST-2": (1, 2), "CoLA": (4, 2),
+                    "WNLI": (2, 3, 4)}  # fmt: skip
     assert tuple(c + 1 for c in t.inputs) + (t.label + 1,) == fairseq_cols[name]
 
 
@@ -447,7 +450,8 @@ def test_gpt2_bpe_encoding(tmp_path):
         )
     text = tmp_path / "text"
     text.mkdir()
-    G.prepare_glue(str(raw), "qnli", str(text), str(tmp_path), "gpt2", encoder_json=str(tmp_path / "encoder.json"),
+    G.prepare_glue(str(raw), "qnli", str(text), str(tmp_path), "gpt2",
+                   encoder_json=str(tmp_path / "encoder.json"),
                    vocab_bpe=str(tmp_path / "vocab.bpe"))  # fmt: skip
     enc = ns["get_encoder"](str(tmp_path / "encoder.json"), str(tmp_path / "vocab.bpe"))
     ids = [int(x) for x in (text / "train.input1").read_text().split()]

@@ -99,7 +99,10 @@ def test_merged_linear_half_precision_any_group_count(monkeypatch, dtype, groups
     top = torch.randn(groups, n, generator=g).topk(2, 1)
     gates = torch.zeros(groups, n).scatter_(1, top.indices, torch.softmax(top.values, 1))
     dy = torch.randn(groups, tokens, out_f, generator=g)
-    half = lambda t: t.to(dtype)
+
+    def half(t):
+        return t.to(dtype)
+
     assert M._whole(half(x).to(CUDA), half(w).to(CUDA)) == (path == "short")
     cpu = _merged_linear_run("cpu", x, gates, w, b, dy)
     gpu = _merged_linear_run(CUDA, half(x), gates, half(w), half(b), half(dy))

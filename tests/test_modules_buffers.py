@@ -77,7 +77,7 @@ def test_training_steps_reuse_gradient_memory_and_stay_exact(mode, level):
             r.grad_buffer = None
     x, probe = torch.randn(3, 5, 6, dtype=D), torch.randn(3, 5, 6, dtype=D)
     ptrs = None
-    for step in range(3):
+    for _step in range(3):
         for p in list(m.parameters()) + list(ref.parameters()):
             p.grad = None
         got, want = _layer_grad(m, x, probe), _layer_grad(ref, x, probe)

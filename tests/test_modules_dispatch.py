@@ -123,5 +123,5 @@ def test_mix_linear_function_gradcheck_float64():
         # without a gate gradient nothing is kept from forward, and the other gradients still hold
         wc = w.detach()
         assert torch.autograd.gradcheck(
-            lambda x_, wt, b_: MixLinearFunction.apply(x_, wc, wt, b_, idx), (x, weight, bias)
+            lambda x_, wt, b_, wc=wc: MixLinearFunction.apply(x_, wc, wt, b_, idx), (x, weight, bias)
         )

@@ -589,8 +589,8 @@ def test_staging_dir_of_a_killed_run_is_removed(tmp_path):
 def test_sigkilled_prepare_then_rerun(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable)
-    p = subprocess.Popen(["bash", str(SCRIPTS / "prepare_wikitext.sh"), "--raw", DATA / "wikitext-2", "--out", out,
-                          "--workers", "1"], env=env, cwd=str(REPO), stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(["bash", str(SCRIPTS / "prepare_wikitext.sh"), "--raw", DATA / "wikitext-2",
+                          "--out", out, "--workers", "1"], env=env, cwd=str(REPO), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.tmp.*/out")) and time.time() < deadline and p.poll() is None:

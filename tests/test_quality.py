@@ -14,13 +14,18 @@ from meo_fairseq.models.init import apply_init
 
 TRAIN_LOG = """\
 2026-01-01 | INFO | fairseq_cli.train | num. shared model params: 701,536 (num. trained: 701,536)
-2026-01-01 | INFO | train_inner | epoch 001:     25 / 93 loss=11.2, moe_aux=0.01, ppl=2461.33, wps=20297.3, ups=10, wpb=2047, num_updates=25, lr=0.0008
-2026-01-01 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 9.5 | moe_aux 0.2 | ppl 724.08 | wps 61950.1 | num_updates 50
-2026-01-01 | INFO | train_inner | epoch 001:     50 / 93 loss=9.8, ppl=930.27, wps=17068.1, ups=5, wpb=1996.8, num_updates=50, lr=0.0016
-2026-01-01 | INFO | train_inner | epoch 001:     75 / 93 loss=9.0, ppl=518.6, wps=20093.9, ups=4, wpb=2048, num_updates=75, lr=0.00182574
+2026-01-01 | INFO | train_inner | epoch 001:     25 / 93 loss=11.2, moe_aux=0.01, ppl=2461.33, \
+wps=20297.3, ups=10, wpb=2047, num_updates=25, lr=0.0008
+2026-01-01 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 9.5 | moe_aux 0.2 \
+| ppl 724.08 | wps 61950.1 | num_updates 50
+2026-01-01 | INFO | train_inner | epoch 001:     50 / 93 loss=9.8, ppl=930.27, wps=17068.1, ups=5, \
+wpb=1996.8, num_updates=50, lr=0.0016
+2026-01-01 | INFO | train_inner | epoch 001:     75 / 93 loss=9.0, ppl=518.6, wps=20093.9, ups=4, \
+wpb=2048, num_updates=75, lr=0.00182574
 2026-01-01 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 9.0 | ppl 512 | wps 1 | num_updates 100
 $ resumed from the checkpoint of update 50
-2026-01-01 | INFO | train_inner | epoch 001:     75 / 93 loss=9.0, ppl=518.6, wps=20093.9, ups=2.5, wpb=2048, num_updates=75, lr=0.00182574
+2026-01-01 | INFO | train_inner | epoch 001:     75 / 93 loss=9.0, ppl=518.6, wps=20093.9, ups=2.5, \
+wpb=2048, num_updates=75, lr=0.00182574
 2026-01-01 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 8.5 | ppl 362 | wps 1 | num_updates 100
 """
 

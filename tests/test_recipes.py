@@ -104,8 +104,8 @@ def check_one_hypothesis_per_id(data, out, subset="test"):
 @pytest.fixture(scope="module")
 def squad_data(tmp_path_factory):
     data = tmp_path_factory.mktemp("squad") / "squad-bin"
-    ok(run_script("prepare_squad.sh", "--raw", DATA / "squad", "--out", data, "--vocab-size", VOCAB, "--workers", "1",
-                  "--max-source-tokens", "128"))  # fmt: skip
+    ok(run_script("prepare_squad.sh", "--raw", DATA / "squad", "--out", data, "--vocab-size", VOCAB,
+                  "--workers", "1", "--max-source-tokens", "128"))  # fmt: skip
     return data
 
 
@@ -202,11 +202,12 @@ def test_wikitext_pipeline(tmp_path):
         )
     )
     ok(run_script("train_wikitext.sh", "--data", data, "--save-dir", ckpts,
-                  "--arch", "meo_transformer_lm_tiny", "--max-update", "10", "--max-tokens", "1024", "--update-freq", "1",
-                  "--tokens-per-sample", "128", "--moe-experts", "4", "--moe-top-k", "2",
-                  "--lr", "5e-3", "--warmup-updates", "2", "--no-epoch-checkpoints"))  # fmt: skip
-    ev = ok(run_script("eval_wikitext.sh", "--data", data, "--checkpoint", ckpts / "checkpoint_best.pt", "--out", out,
-                       "--context-window", "32"))  # fmt: skip
+                  "--arch", "meo_transformer_lm_tiny", "--max-update", "10", "--max-tokens", "1024",
+                  "--update-freq", "1", "--tokens-per-sample", "128", "--moe-experts", "4",
+                  "--moe-top-k", "2", "--lr", "5e-3", "--warmup-updates", "2",
+                  "--no-epoch-checkpoints"))  # fmt: skip
+    ev = ok(run_script("eval_wikitext.sh", "--data", data, "--checkpoint", ckpts / "checkpoint_best.pt",
+                       "--out", out, "--context-window", "32"))  # fmt: skip
     scores = json.loads((out / "ppl.json").read_text())
     vocab = len(lines(data / "dict.txt")) + 4  # + <s> <pad> </s> <unk>
     assert math.isfinite(scores["perplexity"]) and 1.0 < scores["perplexity"] < vocab
@@ -225,15 +226,18 @@ def test_upcycle_from_dense_fairseq_checkpoint(tmp_path, squad_data):
         sizes += [f"--{side}-embed-dim", "64", f"--{side}-ffn-embed-dim", "256", f"--{side}-layers", "2",
                   f"--{side}-attention-heads", "4"]  # fmt: skip
     ok(subprocess.run(
-        [sys.executable, "-m", "fairseq_cli.train", str(data), "--task", "translation", "--source-lang", "src",
-         "--target-lang", "tgt", "--truncate-source", "--arch", "transformer", *sizes, "--share-all-embeddings",
-         "--max-source-positions", "128", "--criterion", "label_smoothed_cross_entropy", "--optimizer", "adam",
+        [sys.executable, "-m", "fairseq_cli.train", str(data), "--task", "translation",
+         "--source-lang", "src", "--target-lang", "tgt", "--truncate-source", "--arch", "transformer", *sizes,
+         "--share-all-embeddings", "--max-source-positions", "128",
+         "--criterion", "label_smoothed_cross_entropy", "--optimizer", "adam",
          "--lr", "1e-3", "--max-update", "1", "--max-tokens", "1024", "--save-dir", str(dense), "--cpu",
          "--disable-validation", "--no-epoch-checkpoints", "--no-save-optimizer-state"],
         capture_output=True, text=True, env=env(), cwd=str(tmp_path), timeout=300,
     ))  # fmt: skip
-    train = ok(run_script("train_squad.sh", "--data", data, "--save-dir", ckpts, "--upcycle-from", dense / "checkpoint_last.pt",
-                          *TINY_SEQ2SEQ[:-1], "--max-update", "1", "--max-source-positions", "128", "--disable-validation"))  # fmt: skip
+    train = ok(run_script("train_squad.sh", "--data", data, "--save-dir", ckpts,
+                          "--upcycle-from", dense / "checkpoint_last.pt", *TINY_SEQ2SEQ[:-1],
+                          "--max-update", "1", "--max-source-positions", "128",
+                          "--disable-validation"))  # fmt: skip
     argv = printed_command(train)
     assert argv[argv.index("--moe-upcycle-from") + 1] == str(dense / "checkpoint_last.pt")
     assert re.search(r"upcycled \d+ expert FFNs", train.stdout + train.stderr)
@@ -261,9 +265,13 @@ def parse_train_argv(argv):
 @pytest.mark.parametrize(
     "script,arch,criterion,extra",
     [
-        ("train_xsum.sh", "meo_bart_large", "moe_label_smoothed_cross_entropy", {"label_smoothing": 0.1, "lr": [3e-05], "lr_scheduler": "polynomial_decay", "total_num_update": 15000, "truncate_source": True, "share_all_embeddings": True}),
-        ("train_squad.sh", "meo_transformer", "moe_label_smoothed_cross_entropy", {"label_smoothing": 0.1, "truncate_source": True, "share_all_embeddings": True}),
-        ("train_wikitext.sh", "meo_transformer_lm_gpt2_small", "moe_cross_entropy", {"tokens_per_sample": 512, "sample_break_mode": "none", "share_decoder_input_output_embed": True}),
+        ("train_xsum.sh", "meo_bart_large", "moe_label_smoothed_cross_entropy",
+         {"label_smoothing": 0.1, "lr": [3e-05], "lr_scheduler": "polynomial_decay",
+          "total_num_update": 15000, "truncate_source": True, "share_all_embeddings": True}),
+        ("train_squad.sh", "meo_transformer", "moe_label_smoothed_cross_entropy",
+         {"label_smoothing": 0.1, "truncate_source": True, "share_all_embeddings": True}),
+        ("train_wikitext.sh", "meo_transformer_lm_gpt2_small", "moe_cross_entropy",
+         {"tokens_per_sample": 512, "sample_break_mode": "none", "share_decoder_input_output_embed": True}),
     ],
 )  # fmt: skip
 def test_recipe_defaults_parse(tmp_path, script, arch, criterion, extra):
@@ -288,8 +296,9 @@ def test_recipe_defaults_parse(tmp_path, script, arch, criterion, extra):
     # extra options come last and override the recipe; --upcycle-from maps to --moe-upcycle-from
     ckpt = tmp_path / "dense.pt"
     ckpt.touch()
-    proc = ok(run_script(script, "--data", data, "--save-dir", tmp_path / "ck", "--dry-run", "--upcycle-from", ckpt,
-                         "--moe-top-k", "4", "--moe-mode", "moe", "--lr", "1e-4", MEO_NUM_GPUS="0"))  # fmt: skip
+    proc = ok(run_script(script, "--data", data, "--save-dir", tmp_path / "ck", "--dry-run",
+                         "--upcycle-from", ckpt, "--moe-top-k", "4", "--moe-mode", "moe", "--lr", "1e-4",
+                         MEO_NUM_GPUS="0"))  # fmt: skip
     args = parse_train_argv(printed_command(proc))
     assert (args.moe_mode, args.moe_top_k, args.lr) == ("moe", 4, [1e-4])
     assert args.moe_upcycle_from == str(ckpt)
@@ -380,7 +389,8 @@ def test_bad_arguments(tmp_path):
         run_script("eval_xsum.sh", "--data", squad, "--checkpoint", ckpt, "--out", tmp_path / "o"),
         "missing test.tgt.raw",
     )
-    fails(run_script("train_squad.sh", "--data", squad, "--save-dir", tmp_path / "ck", "--upcycle-from", ckpt),
+    fails(run_script("train_squad.sh", "--data", squad, "--save-dir", tmp_path / "ck",
+                     "--upcycle-from", ckpt),
           "--upcycle-from", str(ckpt))  # fmt: skip
     wt = tmp_path / "wt"
     wt.mkdir()
@@ -391,7 +401,8 @@ def test_bad_arguments(tmp_path):
         "--checkpoint",
         str(ckpt),
     )
-    fails(run_script("eval_wikitext.sh", "--data", wt, "--checkpoint", ckpt, "--out", tmp_path / "o", "--context-window", "x"),
+    fails(run_script("eval_wikitext.sh", "--data", wt, "--checkpoint", ckpt, "--out", tmp_path / "o",
+                     "--context-window", "x"),
           "--context-window must be an integer")  # fmt: skip
     assert not (tmp_path / "o").exists() and not (tmp_path / "ck").exists()
 

@@ -136,7 +136,8 @@ def test_resume_with_other_moe_options_is_refused(meo_run, lm_bin, tmp_path):
     before = torch.load(meo_run / "checkpoint_last.pt", map_location="cpu", weights_only=True)["model"]
     topk, mode = run_many([
         ("train", train_args(lm_bin, saves["topk"], *MEO, "--moe-top-k", 1, updates=3)),
-        ("train", train_args(lm_bin, saves["mode"], *MEO, "--moe-mode", "moe", "--moe-level", "token", updates=3)),
+        ("train", train_args(lm_bin, saves["mode"], *MEO, "--moe-mode", "moe", "--moe-level", "token",
+                             updates=3)),
     ])  # fmt: skip
     for res, needles in (
         (topk, ["--moe-top-k 2 (checkpoint) vs 1 (now)"]),
@@ -153,10 +154,11 @@ def test_resume_with_other_moe_options_is_refused(meo_run, lm_bin, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     # on purpose: --reset-moe-options loads the weights and trains on with the new options
     reset, same = run_many([
-        ("train", train_args(lm_bin, saves["reset"], *MEO, "--moe-top-k", 1, "--reset-moe-options", updates=3)),
+        ("train", train_args(lm_bin, saves["reset"], *MEO, "--moe-top-k", 1, "--reset-moe-options",
+                             updates=3)),
         # other loss weights, and the default routing given explicitly: the same meaning
-        ("train", train_args(lm_bin, saves["same"], *MEO, "--moe-balance-weight", 0.02, "--moe-decoder-routing",
-                             "segment", updates=3)),
+        ("train", train_args(lm_bin, saves["same"], *MEO, "--moe-balance-weight", 0.02,
+                             "--moe-decoder-routing", "segment", updates=3)),
     ])  # fmt: skip
     for res in (reset, same):
         assert res.returncode == 0, res.describe()
@@ -196,7 +198,8 @@ def test_unreadable_upcycle_file_names_flag_and_file(lm_bin, dense_ckpt, tmp_pat
     data = dense_ckpt.read_bytes()
     trunc.write_bytes(data[: len(data) // 2])
     files = {text: "not a file written by torch.save", bare: "bare state_dict", trunc: "zip archive"}
-    results = run_many([("train", train_args(lm_bin, tmp_path / f.stem, *MEO, "--moe-upcycle-from", f, updates=1))
+    results = run_many([("train", train_args(lm_bin, tmp_path / f.stem, *MEO, "--moe-upcycle-from", f,
+                                             updates=1))
                         for f in files])  # fmt: skip
     for (f, why), res in zip(files.items(), results):
         assert res.returncode != 0 and not train_inner(res.log), res.describe()

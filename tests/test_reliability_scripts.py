@@ -26,8 +26,9 @@ from cli_utils import (
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-TINY_LM = ["--arch", "meo_transformer_lm_tiny", "--tokens-per-sample", "64", "--max-tokens", "1024", "--update-freq", "1",
-           "--moe-experts", "4", "--moe-top-k", "2", "--warmup-updates", "1", "--num-workers", "0"]  # fmt: skip
+TINY_LM = ["--arch", "meo_transformer_lm_tiny", "--tokens-per-sample", "64", "--max-tokens", "1024",
+           "--update-freq", "1", "--moe-experts", "4", "--moe-top-k", "2", "--warmup-updates", "1",
+           "--num-workers", "0"]  # fmt: skip
 
 
 def env():
@@ -38,8 +39,8 @@ def env():
 
 
 def script(name, *args, timeout=300):
-    return subprocess.run(["bash", str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True, env=env(),
-                          cwd=str(REPO), timeout=timeout)  # fmt: skip
+    return subprocess.run(["bash", str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True,
+                          env=env(), cwd=str(REPO), timeout=timeout)  # fmt: skip
 
 
 def swap_first_entries(src: Path, dst: Path, name: str) -> None:
@@ -58,7 +59,8 @@ def test_second_run_in_the_same_save_dir_is_refused(lm_bin, tmp_path):
     save = tmp_path / "ckpt"
     lock = save / ".train.lock"
     args = ["--data", lm_bin, "--save-dir", save, *TINY_LM, "--cpu"]
-    first = subprocess.Popen(["bash", str(SCRIPTS / "train_wikitext.sh"), *map(str, args), "--max-update", "100000"],
+    first = subprocess.Popen(["bash", str(SCRIPTS / "train_wikitext.sh"), *map(str, args),
+                              "--max-update", "100000"],
                              env=env(), cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)  # fmt: skip
     try:
@@ -93,8 +95,9 @@ def test_dry_run_takes_no_lock(lm_bin, tmp_path):
 @pytest.fixture(scope="module")
 def lm_ckpt(lm_bin, tmp_path_factory):
     save = tmp_path_factory.mktemp("lmck") / "ckpt"
-    run("train", [lm_bin, "--user-dir", USER_DIR, "--arch", "meo_transformer_lm_tiny", "--criterion", "moe_cross_entropy",
-                  *MOE_SMALL, *LM_COMMON, *ADAM, "--max-update", 2, "--save-dir", save, "--disable-validation"])  # fmt: skip
+    run("train", [lm_bin, "--user-dir", USER_DIR, "--arch", "meo_transformer_lm_tiny",
+                  "--criterion", "moe_cross_entropy", *MOE_SMALL, *LM_COMMON, *ADAM, "--max-update", 2,
+                  "--save-dir", save, "--disable-validation"])  # fmt: skip
     return save / "checkpoint_last.pt"
 
 
@@ -134,8 +137,9 @@ def seq2seq(tmp_path_factory):
     shutil.copy(root / "text" / "test.tgt", data / "test.tgt.raw")
     save = root / "ckpt"
     run("train", [data, "--user-dir", USER_DIR, "--arch", "meo_transformer_tiny", "--task", "translation",
-                  "--source-lang", "src", "--target-lang", "tgt", *MOE_SMALL, "--criterion", "moe_cross_entropy",
-                  *ADAM, "--max-tokens", 1024, "--max-update", 1, "--cpu", "--num-workers", 0,
+                  "--source-lang", "src", "--target-lang", "tgt", *MOE_SMALL,
+                  "--criterion", "moe_cross_entropy", *ADAM, "--max-tokens", 1024, "--max-update", 1, "--cpu",
+                  "--num-workers", 0,
                   "--save-dir", save, "--disable-validation", "--no-epoch-checkpoints"])  # fmt: skip
     return data, save / "checkpoint_last.pt"
 

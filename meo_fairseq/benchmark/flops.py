@@ -351,7 +351,8 @@ def measure(
     meo = counts["meo"]
     if meo.merges != 2 * spec["layers"]:
         raise RuntimeError(
-            f"expected {2 * spec['layers']} merged_linear calls, saw {meo.merges}: is the merge path still merged_linear?"
+            f"expected {2 * spec['layers']} merged_linear calls, saw {meo.merges}: "
+            "is the merge path still merged_linear?"
         )
     G = 1e9
     out = {
@@ -375,8 +376,8 @@ def measure(
         "formula_gflops": {
             k: v / G for k, v in formula(seq_len=seq_len, experts=experts, top_k=top_k, **spec).items()
         },
-        "convention": "FLOPs = 2 x multiply-adds of matrix products; meo: merge = k x P per sequence and linear "
-        "(paper); meo_as_run: merge = the [G,N]x[N,out*in] product, 2 x N x P",
+        "convention": "FLOPs = 2 x multiply-adds of matrix products; meo: merge = k x P per sequence "
+        "and linear (paper); meo_as_run: merge = the [G,N]x[N,out*in] product, 2 x N x P",
     }
     if (
         preset == "bert-base"
@@ -408,7 +409,8 @@ def sweep(
             rows.append({"preset": preset, "top_k": k, "experts": experts, "seq_len": seq_len, **r["gflops"]})
             if log:
                 log(
-                    f"{preset:10s} k={k:2d}: dense {r['gflops']['dense']:8.2f}G  moe {r['gflops']['moe']:8.2f}G  "
+                    f"{preset:10s} k={k:2d}: dense {r['gflops']['dense']:8.2f}G  "
+                    f"moe {r['gflops']['moe']:8.2f}G  "
                     f"meo {r['gflops']['meo']:8.2f}G  ({time.perf_counter() - t0:.1f}s)"
                 )
     return rows
@@ -510,11 +512,13 @@ def main(argv=None) -> int:
             print(json.dumps({"figure": a.out, "rows": rows}, indent=1))
         else:
             print(
-                f"{'preset':10s} {'k':>3s} {'dense':>9s} {'moe':>9s} {'meo':>9s} {'meo_as_run':>10s}  (GFLOPs)"
+                f"{'preset':10s} {'k':>3s} {'dense':>9s} {'moe':>9s} {'meo':>9s} "
+                f"{'meo_as_run':>10s}  (GFLOPs)"
             )
             for r in rows:
                 print(
-                    f"{r['preset']:10s} {r['top_k']:3d} {r['dense']:9.2f} {r['moe']:9.2f} {r['meo']:9.2f} {r['meo_as_run']:10.2f}"
+                    f"{r['preset']:10s} {r['top_k']:3d} {r['dense']:9.2f} {r['moe']:9.2f} {r['meo']:9.2f} "
+                    f"{r['meo_as_run']:10.2f}"
                 )
             print(f"figure: {a.out}\nnumbers: {side}")
         return 0
@@ -534,16 +538,19 @@ def main(argv=None) -> int:
     gf, mg = r["gflops"], r["merge_gflops"]
     name = preset or "custom"
     print(
-        f"{name}: {r['layers']} layers, d={r['dim']}, ffn={r['ffn']}, {r['heads']} heads, vocab {r['vocab']}, "
+        f"{name}: {r['layers']} layers, d={r['dim']}, ffn={r['ffn']}, {r['heads']} heads, "
+        f"vocab {r['vocab']}, "
         f"{r['seq_len']} tokens, top-{r['top_k']} of {r['experts']} experts in every FFN linear"
     )
     print(f"  dense                {gf['dense']:9.2f} GFLOPs")
     print(f"  vanilla MoE (token)  {gf['moe']:9.2f} GFLOPs  ({gf['moe'] / gf['dense']:.2f}x dense)")
     print(
-        f"  MEO (paper conv.)    {gf['meo']:9.2f} GFLOPs  ({gf['meo'] / gf['dense']:.3f}x dense; merge k x P = {mg['paper']:.3f}G)"
+        f"  MEO (paper conv.)    {gf['meo']:9.2f} GFLOPs  ({gf['meo'] / gf['dense']:.3f}x dense; "
+        f"merge k x P = {mg['paper']:.3f}G)"
     )
     print(
-        f"  MEO (as run)         {gf['meo_as_run']:9.2f} GFLOPs  (merge as the [G,N]x[N,out*in] product = {mg['dense_product']:.3f}G;"
+        f"  MEO (as run)         {gf['meo_as_run']:9.2f} GFLOPs  "
+        f"(merge as the [G,N]x[N,out*in] product = {mg['dense_product']:.3f}G;"
         f" the counter saw {mg['seen_by_counter']:.3f}G of merge)"
     )
     if "rel_err" in r:

@@ -458,8 +458,10 @@ def table(run: dict, meta: dict) -> str:
     f = res.get("meo", {}).get("floor")
     if f:
         lines.append(
-            f"MEO memory-traffic floor: the experts ({f['experts_mb']:.0f} MB) read in {_ms(f['read_ms'])} ms, their "
-            f"gradients written in {_ms(f['write_ms'])} ms -> fwd >= {f['fwd']:.2f}x, fwd+bwd >= {f['fwd_bwd']:.2f}x dense"
+            f"MEO memory-traffic floor: the experts ({f['experts_mb']:.0f} MB) "
+            f"read in {_ms(f['read_ms'])} ms, their "
+            f"gradients written in {_ms(f['write_ms'])} ms -> fwd >= {f['fwd']:.2f}x, "
+            f"fwd+bwd >= {f['fwd_bwd']:.2f}x dense"
         )
     return "\n".join(lines)
 
@@ -505,7 +507,8 @@ def main(argv=None) -> int:
         choices=sorted(CLOCKS),
         default="wall",
         help="wall: elapsed time (default); cpu: this process's CPU time, which a busy shared machine "
-        "does not inflate (use with --threads 1: with more threads it adds up all threads, spin-waits included)",
+        "does not inflate (use with --threads 1: with more threads it adds up all threads, "
+        "spin-waits included)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument(

@@ -100,7 +100,8 @@ def _run(cmd: List[str], log_path: Path, threads: Optional[int], timeout: int) -
     )
     if p.returncode != 0:
         raise BenchmarkError(
-            f"command failed (exit {p.returncode}), log in {log_path}:\n{' '.join(map(str, cmd))}\n{text[-3000:]}"
+            f"command failed (exit {p.returncode}), log in {log_path}:\n"
+            f"{' '.join(map(str, cmd))}\n{text[-3000:]}"
         )
     return text
 
@@ -448,7 +449,8 @@ def table(res: dict) -> str:
     for k in keys:
         head += f" {'gen ' + k + ' sent/s':>17s} {'x dense':>7s} {'tok/s':>8s} {'x dense':>7s}"
     lines = [
-        f"fairseq end to end: {res['experts']} experts, top-{res['top_k']}, {res['updates']} updates, {res.get('precision', 'fp32')} "
+        f"fairseq end to end: {res['experts']} experts, top-{res['top_k']}, {res['updates']} updates, "
+        f"{res.get('precision', 'fp32')} "
         f"(train words/s: median of {res.get('repeats', 1)} interleaved runs; generate BATCHxBEAM: median of "
         f"{res.get('gen_repeats', 1)})",
         head,
@@ -456,7 +458,10 @@ def table(res: dict) -> str:
     ]
     nan = float("nan")
     for r in res["rows"]:
-        s = f"{r['task']:5s} {r['arch']:24s} {r['mode']:6s} {r['wps']:10.0f} {r.get('ratio', {}).get('wps', nan):7.2f}"
+        s = (
+            f"{r['task']:5s} {r['arch']:24s} {r['mode']:6s} {r['wps']:10.0f} "
+            f"{r.get('ratio', {}).get('wps', nan):7.2f}"
+        )
         for k in keys:
             g = r.get("gen", {}).get(k)
             if g:
@@ -472,7 +477,8 @@ def table(res: dict) -> str:
         lines.append("targets (same run):")
         for t in res["targets"]:
             lines.append(
-                f"  {t['task']:5s} {t['figure']:38s} {t['ratio']:.2f}x (goal {t['goal']}) {'met' if t['met'] else 'NOT met'}"
+                f"  {t['task']:5s} {t['figure']:38s} {t['ratio']:.2f}x (goal {t['goal']}) "
+                f"{'met' if t['met'] else 'NOT met'}"
             )
     return "\n".join(lines)
 
@@ -519,7 +525,8 @@ def main(argv=None) -> int:
         "--precision",
         choices=sorted(PRECISION_FLAGS),
         default="fp32",
-        help="training precision: fairseq's --fp16 (GPU only), or --bf16 through python -m meo_fairseq.train; "
+        help="training precision: fairseq's --fp16 (GPU only), "
+        "or --bf16 through python -m meo_fairseq.train; "
         "generation runs in fp16 for fp16, else in fp32 (fairseq-generate has no bfloat16)",
     )
     p.add_argument("--json", action="store_true")

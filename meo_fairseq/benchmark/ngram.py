@@ -10,8 +10,9 @@ from meo_fairseq.ngram import block_repeated_ngrams, install
 
 
 def main(argv=None) -> None:
-    """Time one blocking call per decoding step of a beam search: fairseq's Python fallback against :func:`block_repeated_ngrams`, and a decoding step's
-    log-softmax over the vocabulary for scale."""
+    """Time one blocking call per decoding step of a beam search: fairseq's Python fallback
+    against :func:`block_repeated_ngrams`, and a decoding step's log-softmax over the vocabulary
+    for scale."""
     import argparse
     import time
 

@@ -40,11 +40,11 @@ Figures (mean ± sample std over seeds):
 
 Outputs in ``--out``: one directory per run (``<setting>/<variant>/seed<S>``, with the fairseq log
 ``train.log``, the checkpoints and ``result.json``), ``results.json`` (every run and the summary,
-rewritten after each run), ``results.md`` (the table in Markdown) and ``curves.png`` (the validation curves by updates and by training
-time). The study is resumable: a finished run (same command) is not run again, an interrupted
-one continues from its last checkpoint (saved at every validation), and several invocations may
-share one ``--out`` (a lock per run). A run whose options changed is refused: use another
-``--out`` or variant name.
+rewritten after each run), ``results.md`` (the table in Markdown) and ``curves.png`` (the validation
+curves by updates and by training time). The study is resumable: a finished run (same command) is
+not run again, an interrupted one continues from its last checkpoint (saved at every validation),
+and several invocations may share one ``--out`` (a lock per run). A run whose options changed is
+refused: use another ``--out`` or variant name.
 """
 
 import argparse
@@ -333,7 +333,8 @@ def run_one(a, name: str, cmd: List[str], run_dir: Path, updates: int, label: st
         res_path.write_text(json.dumps(res, indent=1))
         extra = f", {a.eval_subset} ppl {res['eval_ppl']:.1f}" if a.eval_subset else ""
         log(
-            f"{label}: valid ppl {2 ** res['curve'][-1][1]:.1f}{extra}, {res['sec_per_update'] * 1000:.0f} ms/update"
+            f"{label}: valid ppl {2 ** res['curve'][-1][1]:.1f}{extra}, "
+            f"{res['sec_per_update'] * 1000:.0f} ms/update"
         )
         return res
 
@@ -411,7 +412,8 @@ def _fmt(ms: Tuple[float, float], digits: int = 1) -> str:
 def table(summary: Dict, updates: int, eval_subset: str) -> str:
     head = (
         f"{'setting':<9} {'variant':<14} {'params':>9} {'seeds':>5} {f'valid ppl @{updates} upd':>18} "
-        f"{'- dense (paired)':>15} {'valid ppl @equal time':>21} {f'{eval_subset} ppl (eval-lm)':>19} {'ms/update':>10}"
+        f"{'- dense (paired)':>15} {'valid ppl @equal time':>21} {f'{eval_subset} ppl (eval-lm)':>19} "
+        f"{'ms/update':>10}"
     )
     lines = [head, "-" * len(head)]
     for setting, by_variant in summary.items():
@@ -420,7 +422,8 @@ def table(summary: Dict, updates: int, eval_subset: str) -> str:
             params = f"{s['params']:,}" if s["params"] else "-"
             lines.append(
                 f"{setting:<9} {name:<14} {params:>9} {len(s['seeds']):>5} {_fmt(s['valid_ppl']):>18} "
-                f"{_fmt(s['valid_ppl_minus_dense']):>15} {_fmt(s['valid_ppl_equal_time']):>21} {_fmt(s['eval_ppl']):>19} "
+                f"{_fmt(s['valid_ppl_minus_dense']):>15} {_fmt(s['valid_ppl_equal_time']):>21} "
+                f"{_fmt(s['eval_ppl']):>19} "
                 f"{_fmt(ms, 0):>10}"
             )
     return "\n".join(lines)
@@ -429,7 +432,8 @@ def table(summary: Dict, updates: int, eval_subset: str) -> str:
 def markdown(summary: Dict, updates: int, eval_subset: str) -> str:
     """The table of :func:`table` in Markdown."""
     lines = [
-        f"| setting | variant | params | seeds | valid ppl @{updates} updates | minus dense (paired by seed) | "
+        f"| setting | variant | params | seeds | valid ppl @{updates} updates | "
+        "minus dense (paired by seed) | "
         f"valid ppl @equal time | {eval_subset} ppl (eval-lm) | ms/update |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -545,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=FLAGS",
-        help="add or replace a variant, e.g. moe_nonoise='--moe-mode moe --moe-level token --no-moe-gate-noise'",
+        help="add or replace a variant, "
+        "e.g. moe_nonoise='--moe-mode moe --moe-level token --no-moe-gate-noise'",
     )
     p.add_argument("--settings", default=",".join(SETTINGS), help="scratch, upcycled or both")
     p.add_argument(

@@ -216,7 +216,8 @@ def prepare_glue(
         inputs, labels, dropped = read_split(files[stem], task, labelled, dev=split.startswith("valid"))
         if dropped:
             print(
-                f"[prepare_glue] {files[stem]}: dropped {dropped} rows without {task.fields} fields (as fairseq)",
+                f"[prepare_glue] {files[stem]}: dropped {dropped} rows without {task.fields} fields "
+                "(as fairseq)",
                 file=sys.stderr,
             )
         data[split] = (stem, inputs, labels)

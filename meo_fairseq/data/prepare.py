@@ -110,7 +110,8 @@ def check_text_file(path: str) -> int:
     """
     n = 0
     nonblank = False
-    for n, line in iter_text_lines(path):
+    for lineno, line in iter_text_lines(path):
+        n = lineno
         nonblank = nonblank or bool(line.strip())
     if not nonblank:
         raise DataError(path, "file is empty (no non-blank line)")
@@ -422,7 +423,8 @@ def prepare_xsum(raw_dir: str, out_dir: str, text_dir: str, vocab_size: int, wor
         n_empty = sum(1 for a, b in zip(src[split], tgt[split]) if not a or not b)
         if n_empty:
             print(
-                f"[prepare] warning: {data[split][0]}: {n_empty} examples with an empty document or summary (kept)",
+                f"[prepare] warning: {data[split][0]}: {n_empty} examples with an empty document "
+                "or summary (kept)",
                 file=sys.stderr,
             )
     proto = train_sentencepiece(src["train"] + tgt["train"], vocab_size)

@@ -274,7 +274,8 @@ def check_loaded_metadata(model: torch.nn.Module, state_dict: dict, prefix: str 
             "dictionary mismatch: "
             + "; ".join(errors)
             + ". Token ids would mean other words and every score "
-            "would be wrong: use data binarized with the training dictionary (fairseq-preprocess --srcdict/--tgtdict "
+            "would be wrong: use data binarized with the training dictionary "
+            "(fairseq-preprocess --srcdict/--tgtdict "
             "with the file the checkpoint was trained with)"
         )
     if evaluating() or getattr(model, "_reset_moe_options", False):
@@ -319,14 +320,15 @@ def check_data_dictionaries(model_state: dict, checkpoint: str, source_file: str
     from fairseq.data import Dictionary
 
     loaded = {}
-    for role, path in (("source", source_file), ("target", target_file)):
+    for _role, path in (("source", source_file), ("target", target_file)):
         if path not in loaded:
             loaded[path] = Dictionary.load(path)
     saved_tensor = model_state.get(META_KEY)
     saved = decode_metadata(saved_tensor) if saved_tensor is not None else None
     if saved is not None:
         own = {"dictionaries": [
-            {"role": role, "fingerprint": dictionary_fingerprint(loaded[path]), "size": len(loaded[path]), "file": path}
+            {"role": role, "fingerprint": dictionary_fingerprint(loaded[path]),
+             "size": len(loaded[path]), "file": path}
             for role, path in (("source", source_file), ("target", target_file))
         ]}  # fmt: skip
         errors = dictionary_errors(saved, own, f"checkpoint {checkpoint}")
@@ -338,6 +340,7 @@ def check_data_dictionaries(model_state: dict, checkpoint: str, source_file: str
         weight = model_state.get(f"{side}.embed_tokens.weight")
         if weight is not None and weight.size(0) != len(loaded[path]):
             raise CheckpointMismatchError(
-                f"dictionary mismatch: {path} has {len(loaded[path])} symbols but checkpoint {checkpoint} was trained "
+                f"dictionary mismatch: {path} has {len(loaded[path])} symbols "
+                f"but checkpoint {checkpoint} was trained "
                 f"with a dictionary of {weight.size(0)} ({side}.embed_tokens)"
             )

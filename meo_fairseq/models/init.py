@@ -35,14 +35,16 @@ class MoEInitArgs(FairseqDataclass):
     moe_router_init: ChoiceEnum(ROUTER_INITS) = field(
         default="zero",
         metadata={
-            "help": "router weights at the start: zero (the authors' code) or normal (N(0, std^2), as sparse upcycling)"
+            "help": "router weights at the start: zero (the authors' code) "
+            "or normal (N(0, std^2), as sparse upcycling)"
         },
     )
     moe_router_init_std: float = field(default=0.1, metadata={"help": "std of --moe-router-init normal"})
     moe_expert_init_scale: float = field(
         default=1.0,
         metadata={
-            "help": "multiply the random expert weights by this factor (from scratch only; not with --moe-upcycle-from)"
+            "help": "multiply the random expert weights by this factor "
+            "(from scratch only; not with --moe-upcycle-from)"
         },
     )
 

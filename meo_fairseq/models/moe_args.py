@@ -34,7 +34,8 @@ class MoEArgs(FairseqDataclass):
     moe_expert_unit: ChoiceEnum(UNITS) = field(
         default="linear",
         metadata={
-            "help": "`linear`: fc1 and fc2 each have their own router (the authors' code); `ffn`: one router for both"
+            "help": "`linear`: fc1 and fc2 each have their own router (the authors' code); "
+            "`ffn`: one router for both"
         },
     )
     moe_decoder_routing: Optional[ChoiceEnum(DECODER_ROUTINGS)] = field(
@@ -72,7 +73,8 @@ class MoEArgs(FairseqDataclass):
     moe_impl: ChoiceEnum(IMPLS) = field(
         default="auto",
         metadata={
-            "help": "implementation of the expert layers (the same function): reference (plain autograd, no host "
+            "help": "implementation of the expert layers (the same function): "
+            "reference (plain autograd, no host "
             "syncs, compiles whole: the GPU path), blocked (CPU-tuned kernels), auto (reference when CUDA is "
             "available, else blocked)"
         },
@@ -160,7 +162,8 @@ def layer_configs(args, side: str, num_layers: int, is_lm: bool = False) -> List
         routing_flag = str(routing_flag)
     if routing_flag is not None and routing_flag not in DECODER_ROUTINGS:
         raise ValueError(
-            f"--moe-decoder-routing: unknown value {routing_flag!r}; choose one of {', '.join(DECODER_ROUTINGS)}"
+            f"--moe-decoder-routing: unknown value {routing_flag!r}; "
+            f"choose one of {', '.join(DECODER_ROUTINGS)}"
         )
     if is_lm and routing_flag == "encoder":
         raise ValueError(

@@ -99,7 +99,10 @@ def load_dense_checkpoint(path: str) -> dict:
                 reason = f"{type(e2).__name__}: {str(e2).strip().split('. ')[0]}"
         else:
             if isinstance(raw, dict) and not isinstance(raw.get("model"), dict):
-                reason = f"a dict without 'model' (a bare state_dict?), keys {', '.join(map(str, list(raw)[:4]))}..."
+                reason = (
+                    f"a dict without 'model' (a bare state_dict?), "
+                    f"keys {', '.join(map(str, list(raw)[:4]))}..."
+                )
             else:
                 reason = f"{type(e).__name__}: {e}"
         raise ValueError(

@@ -9,7 +9,8 @@ official script.
 
 Command line::
 
-    python -m meo_fairseq.scoring.squad --hyp hyp.txt --ids test.id --ref dev.answers.jsonl [--out scores.json]
+    python -m meo_fairseq.scoring.squad --hyp hyp.txt --ids test.id --ref dev.answers.jsonl \\
+        [--out scores.json]
 
 ``--hyp`` has one predicted answer per line, in the order of the ids in ``--ids``; without ``--ids``,
 ``--hyp`` is an official-style predictions JSON file ``{"question id": "answer", ...}``. ``--ref`` is
