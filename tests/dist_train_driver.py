@@ -27,8 +27,10 @@ def main() -> None:
     out_dir, args = sys.argv[1], sys.argv[2:]
     os.makedirs(out_dir, exist_ok=True)
 
-    from fairseq import trainer as trainer_module
+    # isort: off
     from fairseq_cli import train  # first: it sets up fairseq's log format before fairseq is imported
+    from fairseq import trainer as trainer_module
+    # isort: on
 
     trainers = []
     orig_init = trainer_module.Trainer.__init__
