@@ -586,6 +586,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def write_results(a, variants: dict, names: list, runs: list, out: Path) -> None:
+    """results.json (options, variants, summary, every run) and curves.png of the runs so far."""
+    doc = {
+        "options": {k: str(v) for k, v in vars(a).items()},
+        "variants": {v: variants[v] for v in names},
+        "summary": summarize(runs),
+        "runs": runs,
+    }
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    plot(runs, out / "curves.png")
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     a.data = Path(a.data).resolve()
@@ -630,33 +642,10 @@ def main(argv=None) -> int:
         cmd = job_cmd(a, variants, out, setting, name, seed)
         run_one(a, name, cmd, run_dir, a.pretrain_updates if setting == "pretrain" else a.updates, label)
         if setting != "pretrain":
-            runs = collect(a, variants, names, settings, out)
-            (out / "results.json").write_text(
-                json.dumps(
-                    {
-                        "options": {k: str(v) for k, v in vars(a).items()},
-                        "variants": {v: variants[v] for v in names},
-                        "summary": summarize(runs),
-                        "runs": runs,
-                    },
-                    indent=1,
-                )
-            )
-            plot(runs, out / "curves.png")
+            write_results(a, variants, names, collect(a, variants, names, settings, out), out)
     runs = collect(a, variants, names, settings, out)
     if a.report:
-        (out / "results.json").write_text(
-            json.dumps(
-                {
-                    "options": {k: str(v) for k, v in vars(a).items()},
-                    "variants": {v: variants[v] for v in names},
-                    "summary": summarize(runs),
-                    "runs": runs,
-                },
-                indent=1,
-            )
-        )
-        plot(runs, out / "curves.png")
+        write_results(a, variants, names, runs, out)
     (out / "results.md").write_text(markdown(summarize(runs), a.updates, a.eval_subset or "-") + "\n")
     log(f"done in {time.time() - t_start:.0f} s")
     print("\n" + table(summarize(runs), a.updates, a.eval_subset or "-"))
