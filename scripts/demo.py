@@ -127,9 +127,9 @@ def print_table(title, rows):
 
 
 def verdict(title, rows):
-    """Prints whether each expert model is below dense; returns True if one trails it."""
+    """Prints whether each expert model is below dense; returns the names of those that trail it."""
     dense = rows["dense"]["valid_ppl"]
-    trails = False
+    trails = set()
     for name in ("moe", "meo"):
         ppl = rows[name]["valid_ppl"]
         word = "below" if ppl < dense else "ABOVE"
@@ -137,7 +137,8 @@ def verdict(title, rows):
             f"  {title}: {name} validation perplexity {ppl:.1f} is {word} dense's {dense:.1f} "
             f"({100 * (ppl / dense - 1):+.1f}%)"
         )
-        trails |= ppl >= dense
+        if ppl >= dense:
+            trails.add(name)
     return trails
 
 
@@ -239,13 +240,14 @@ def main():
     for title, rows in tables.values():
         print_table(title, rows)
     print()
-    trails = [verdict(title.split(",")[0], rows) for title, rows in tables.values()]
-    if any(trails):
+    trails = set().union(*(verdict(title.split(",")[0], rows) for title, rows in tables.values()))
+    if trails:
+        who = " and ".join({"moe": "MoE", "meo": "MEO"}[n] for n in ("moe", "meo") if n in trails)
         print(
-            "\n  Experts still trail dense here. In the quality study (docs/quality.md, 3 seeds), "
-            "MEO trails\n"
-            "  dense in every setting measured at this size, and vanilla MoE is below dense only when\n"
-            "  upcycled without gate noise and with a random router (this demo's expert options)."
+            f"\n  {who} still trail{'s' if len(trails) == 1 else ''} dense in this run. In the quality study "
+            "(docs/quality.md, 3 seeds),\n"
+            "  MEO trails dense in every setting measured at this size; vanilla MoE beats dense clearly\n"
+            "  only when upcycled without gate noise and with a random router (this demo's expert options)."
         )
     print(
         f"\n(training time: updates x the run's median time per update; one seed, "
