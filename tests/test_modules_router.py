@@ -248,7 +248,7 @@ def test_token_aux_ignores_pad_tokens():
 
 
 def test_noisy_training_gates_and_differentiable_load():
-    r = make_router(6, 8, 2, seed=3).train()
+    r = make_router(6, 8, 2, seed=3, gate_noise=True).train()
     x = torch.randn(16, 5, 6)
     out = r(x)
     check_consistent(out, 2)

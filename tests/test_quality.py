@@ -235,9 +235,10 @@ def test_study_end_to_end(lm_bin, tmp_path, capsys):
         "16",
         "--eval-subset",
         "valid",
-        # the finding: upcycled copies with a zero router and no gate noise stay the dense model
+        # the finding: upcycled copies with a zero router and no gate noise stay the dense
+        # model (why --moe-router-init auto is normal when upcycling)
         "--variant",
-        "moe_nonoise=--moe-mode moe --moe-level token --no-moe-gate-noise",
+        "moe_nonoise=--moe-mode moe --moe-level token --no-moe-gate-noise --moe-router-init zero",
         "--variants",
         "dense,moe_nonoise",
     ]  # (every variant's flags: test_commands)

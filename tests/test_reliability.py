@@ -166,6 +166,36 @@ def test_resume_with_other_moe_options_is_refused(meo_run, lm_bin, tmp_path):
         assert [r["num_updates"] for r in train_inner(res.log)] == [3]
 
 
+def test_resume_check_compares_block_order_and_weighting_where_they_apply():
+    """--moe-token-block-order and --moe-compressed-weighting change the function of token-level
+    MEO / of compressed experts, and nothing elsewhere: recorded (and so compared on resume) only
+    there."""
+    from argparse import Namespace
+
+    from meo_fairseq.models.common import MEANING_OPTIONS, build_metadata
+
+    class NoDicts:
+        source_dictionary = target_dictionary = None
+
+    def meta(**kw):
+        return build_metadata(Namespace(**kw), NoDicts(), dictionary_files=(None, None))["moe"]
+
+    assert {"moe_token_block_order", "moe_compressed_weighting"} <= set(MEANING_OPTIONS)
+    token = dict(moe_mode="meo", moe_level="token")
+    assert meta(**token, moe_token_block_order="block-first")["moe_token_block_order"] == "block-first"
+    assert meta(**token, moe_token_block_order="route-first")["moe_token_block_order"] == "route-first"
+    seq = dict(moe_mode="meo", moe_level="sequence")
+    assert meta(**seq, moe_token_block_order="block-first") == meta(
+        **seq, moe_token_block_order="route-first"
+    )
+    assert meta(moe_compressed_experts=1, moe_compressed_weighting="authors")["moe_compressed_weighting"] == (
+        "authors"
+    )
+    assert meta(moe_compressed_experts=0, moe_compressed_weighting="authors") == meta(
+        moe_compressed_experts=0, moe_compressed_weighting="renormalised"
+    )
+
+
 # ---- items 7 and 8: upcycling ---------------------------------------------------------------
 
 

@@ -92,6 +92,9 @@ MEANING_OPTIONS = (
     "moe_segment_length",
     "moe_prefix_length",
     "moe_compressed_experts",
+    # compared only where they apply (token-level MEO; compressed experts): see build_metadata
+    "moe_token_block_order",
+    "moe_compressed_weighting",
 )
 
 
@@ -177,6 +180,10 @@ def build_metadata(
     for name, value in (defaults or {}).items():
         if moe.get(name) is None:
             moe[name] = value
+    if (moe["moe_mode"] or "meo") != "meo" or moe["moe_level"] != "token":
+        moe["moe_token_block_order"] = None  # no token block: the order means nothing
+    if not moe["moe_compressed_experts"]:
+        moe["moe_compressed_weighting"] = None
     return {"version": META_VERSION, "dictionaries": dicts, "moe": moe}
 
 

@@ -3,8 +3,11 @@
 Applied by parameter name after a model is built (and after ``--moe-upcycle-from`` has copied the
 dense weights), so that they work for every model of the plugin:
 
-* ``--moe-router-init zero`` (default, the authors' code): ``...router.w_gate`` and
-  ``...router.w_noise`` are zero, so every expert starts with the same logit.
+* ``--moe-router-init auto`` (default): ``normal`` with ``--moe-upcycle-from``, else ``zero``
+  (docs/quality.md: without gate noise a zero router keeps an upcycled model dense forever, while
+  from scratch a random router helped token MoE and hurt MEO).
+* ``--moe-router-init zero`` (the authors' code): ``...router.w_gate`` and ``...router.w_noise``
+  are zero, so every expert starts with the same logit.
 * ``--moe-router-init normal``: ``w_gate`` ~ N(0, std^2) with ``--moe-router-init-std`` (as sparse
   upcycling initialises its router); ``w_noise`` stays zero. An upcycled layer still computes the
   dense function at the start (its experts are copies and the gates sum to 1), but tokens are
@@ -27,16 +30,17 @@ from .upcycle import loading_trained_checkpoint
 
 logger = logging.getLogger(__name__)
 
-ROUTER_INITS = ("zero", "normal")
+ROUTER_INITS = ("auto", "zero", "normal")
 
 
 @dataclass
 class MoEInitArgs(FairseqDataclass):
     moe_router_init: ChoiceEnum(ROUTER_INITS) = field(
-        default="zero",
+        default="auto",
         metadata={
-            "help": "router weights at the start: zero (the authors' code) "
-            "or normal (N(0, std^2), as sparse upcycling)"
+            "help": "router weights at the start: zero (the authors' code), normal (N(0, std^2), as "
+            "sparse upcycling), or auto: normal with --moe-upcycle-from (without gate noise a zero "
+            "router keeps upcycled copies identical), else zero"
         },
     )
     moe_router_init_std: float = field(default=0.1, metadata={"help": "std of --moe-router-init normal"})
@@ -66,7 +70,7 @@ def apply_init(model: torch.nn.Module, args) -> None:
     """
     if loading_trained_checkpoint():
         return
-    router_init = str(_get(args, "moe_router_init", "zero"))
+    router_init = str(_get(args, "moe_router_init", "auto"))
     std = float(_get(args, "moe_router_init_std", 0.1))
     scale = float(_get(args, "moe_expert_init_scale", 1.0))
     if router_init not in ROUTER_INITS:
@@ -78,6 +82,8 @@ def apply_init(model: torch.nn.Module, args) -> None:
     if scale <= 0:
         raise ValueError(f"--moe-expert-init-scale: must be > 0, got {scale}")
     upcycled = bool(safe_getattr(args, "moe_upcycle_from", None))
+    if router_init == "auto":
+        router_init = "normal" if upcycled else "zero"
     if scale != 1.0 and upcycled:
         raise ValueError(
             "--moe-expert-init-scale applies to models trained from scratch, not with --moe-upcycle-from"

@@ -49,8 +49,12 @@ class MoEArgs(FairseqDataclass):
     )
     moe_segment_length: int = field(default=64, metadata={"help": "segment length L for segment routing"})
     moe_prefix_length: int = field(default=64, metadata={"help": "prefix length P for prefix routing"})
-    no_moe_gate_noise: bool = field(
-        default=False, metadata={"help": "disable the noise of noisy top-k gating during training"}
+    no_moe_gate_noise: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "no gate noise in training (the default: the noise stalls training, see "
+            "docs/quality.md); --moe-gate-noise turns on the authors' noisy top-k gating"
+        },
     )
     moe_balance_loss: ChoiceEnum(BALANCE_LOSSES) = field(
         default="cv",
@@ -110,13 +114,14 @@ class MoEArgs(FairseqDataclass):
 
 
 def add_gate_noise_alias(parser):
-    """``--moe-gate-noise`` (the default) beside the dataclass's ``--no-moe-gate-noise``."""
+    """``--moe-gate-noise`` (the authors' noisy gating) beside the dataclass's ``--no-moe-gate-noise``
+    (the default). Both set ``no_moe_gate_noise``: True, False, or None (not given: no noise)."""
     try:
         parser.add_argument(
             "--moe-gate-noise",
             dest="no_moe_gate_noise",
             action="store_false",
-            help="noisy top-k gating (default)",
+            help="noisy top-k gating in training (the authors' code; default: off)",
         )
     except Exception:  # already added (argparse conflict)
         pass
@@ -125,6 +130,12 @@ def add_gate_noise_alias(parser):
 def _get(args, name, default=None):
     value = safe_getattr(args, name, default)
     return default if value is None else value
+
+
+def gate_noise(args) -> bool:
+    """Noisy gating only with --moe-gate-noise (no_moe_gate_noise False). Checkpoints written before
+    the default changed store False for their (noisy) default, and keep it."""
+    return safe_getattr(args, "no_moe_gate_noise", None) is False
 
 
 def _token_block_order(args, is_lm: bool) -> str:
@@ -184,7 +195,7 @@ def layer_configs(args, side: str, num_layers: int, is_lm: bool = False) -> List
         routing=routing,
         segment_length=int(_get(args, "moe_segment_length", 64)),
         prefix_length=int(_get(args, "moe_prefix_length", 64)),
-        gate_noise=not bool(_get(args, "no_moe_gate_noise", False)),
+        gate_noise=gate_noise(args),
         balance_loss=str(_get(args, "moe_balance_loss", "cv")),
         balance_weight=float(_get(args, "moe_balance_weight", 0.01)),
         z_loss_weight=float(_get(args, "moe_z_loss_weight", 0.0)),

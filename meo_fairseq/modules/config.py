@@ -68,7 +68,9 @@ class MoEConfig:
     """granularity of the gate for sequence-level layers (see ROUTINGS)"""
     segment_length: Optional[int] = None
     prefix_length: Optional[int] = None
-    gate_noise: bool = True
+    gate_noise: bool = False
+    """noisy top-k gating in training (the authors' default: True). Off by default: the noise
+    stalls training (docs/quality.md)"""
     balance_loss: str = "cv"
     balance_weight: float = 0.01
     z_loss_weight: float = 0.0

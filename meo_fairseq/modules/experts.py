@@ -41,7 +41,8 @@ class StackedExperts(nn.Module):
 
     def dense(self, x: Tensor) -> Tensor:
         """The single expert as a plain linear (dense mode, N == 1)."""
-        return F.linear(x, self.weight[0], self.bias[0] if self.bias is not None else None)
+        # squeeze (a view) rather than [0]: indexing's backward writes a zero-filled copy
+        return F.linear(x, self.weight.squeeze(0), self.bias.squeeze(0) if self.bias is not None else None)
 
     def input_scale(self, ce: Optional[Tensor]) -> Optional[Tensor]:
         """Merged compressed-expert scaling vector per group: ce [G, N] -> [G, in] (None if off)."""

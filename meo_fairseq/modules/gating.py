@@ -29,19 +29,7 @@ from . import losses
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 NOISE_EPS = 1e-2  # floor of the noise scale
-
-
-def _cv2_and_grad(v: Tensor, eps: float = 1e-10):
-    """CV^2 of the rows of v [R, N] (unbiased variance, as losses.cv_squared) and its gradient."""
-    n = v.size(1)
-    if n <= 1:
-        return v.new_zeros(v.size(0)), torch.zeros_like(v)
-    var, mu = torch.var_mean(v, 1, keepdim=True)  # (unbiased)
-    den = mu.square().add_(eps)
-    cv2 = var / den
-    # d/dv = 2 (v - mu) / ((n-1) den) - 2 var mu / (n den^2) = 2 / den * ((v - mu) / (n-1) - cv2 mu / n)
-    grad = torch.addcmul((v - mu).mul_(1.0 / (n - 1)), cv2, mu, value=-1.0 / n).mul_(2.0).div_(den)
-    return cv2.squeeze(1), grad
+CV_EPS = 1e-10  # CV^2 = var / (mean^2 + CV_EPS)
 
 
 class NoisyTopKGating(torch.autograd.Function):
@@ -50,11 +38,26 @@ class NoisyTopKGating(torch.autograd.Function):
     gates are the dense gates (zeros off the top-k), w the same k values; both are differentiable
     (merging uses gates, compute-then-mix uses w). stats (no gradient): the importance [N], then
     the balance loss and the z-loss.
+
+    The backward takes two shortcuts, both exact: the softmax over the top k is backpropagated as
+    a softmax over all N of the dense gates (zeros contribute nothing), and of the gradient of
+    CV^2(importance) only the part that differs between experts is added (the softmax removes a
+    part constant over the experts of a group).
     """
 
     @staticmethod
     def forward(
-        ctx, inp, w_gate, w_noise, noise, keep, k: int, balance: str, balance_weight: float, z_weight: float
+        ctx,
+        inp,
+        w_gate,
+        w_noise,
+        noise,
+        keep,
+        k: int,
+        balance: str,
+        balance_weight: float,
+        z_weight: float,
+        contiguous: bool = False,
     ):
         g_rows, n = inp.size(0), w_gate.size(1)
         clean = inp @ w_gate
@@ -73,43 +76,51 @@ class NoisyTopKGating(torch.autograd.Function):
         gates = logits.new_zeros(g_rows, n).scatter_(1, idx, w)
         imp = keep @ gates if keep is not None else gates.sum(0)
         saved = {}
-        zero = clean.new_zeros(()) if (balance != "cv" or z_weight <= 0) else None
-        aux = bal = zl = zero
-        if balance == "cv":
+        aux = bal = zl = None
+        if balance == "cv" and n > 1:
             if smooth:
                 thr_in, thr_out = top_v[:, k : k + 1], top_v[:, k - 1 : k]
                 is_in = logits > thr_in
                 z = (clean - torch.where(is_in, thr_in, thr_out)).div_(std)
                 load_p = torch.special.ndtr(z)
+                load = keep @ load_p if keep is not None else load_p.sum(0)
                 saved.update(z=z, is_in=is_in)
+            elif keep is not None:
+                load = keep @ (gates > 0).to(gates.dtype)
             else:
-                load_p = (gates > 0).to(gates.dtype)
-            load = keep @ load_p if keep is not None else load_p.sum(0)
-            cv2, dcv2 = _cv2_and_grad(torch.stack([imp, load]))
+                load = torch.count_nonzero(gates, 0)  # (int64: stack promotes it)
+            sums = torch.stack([imp, load])  # [2, N]
+            var, mu = torch.var_mean(sums, 1, keepdim=True)  # (unbiased)
+            den = mu.square().add_(CV_EPS)
+            cv2 = var / den  # [2, 1]
             bal = cv2.sum()
             aux = bal * balance_weight
-            saved.update(dcv2=dcv2)
+            saved.update(sums=sums, den=den, mu=mu, cv2=cv2)
         count = None
         if z_weight > 0:
             count = (keep.sum() if keep is not None else clean.new_tensor(float(g_rows))).clamp(min=1.0)
             lse = torch.logsumexp(clean, dim=-1)  # [G]
             sq = lse * lse
             zl = (keep @ sq if keep is not None else sq.sum()) / count
-            aux = z_weight * zl if aux is zero else aux + z_weight * zl
-            saved.update(lse=lse)
-        ctx.k, ctx.balance, ctx.bw, ctx.zw, ctx.smooth, ctx.noisy = (
+            aux = z_weight * zl if aux is None else aux + z_weight * zl
+            saved.update(lse=lse, clean=clean)
+        ctx.k, ctx.bw, ctx.zw, ctx.smooth, ctx.noisy, ctx.contiguous = (
             k,
-            balance,
             balance_weight,
             z_weight,
             smooth,
             noisy,
+            contiguous,
         )
         ctx.saved = saved
         ctx.save_for_backward(
-            inp, w_gate, w_noise if noisy else None, noise, keep, clean, raw, std, w, top_i, count
+            inp, w_gate, w_noise if noisy else None, noise, keep, gates, raw, std, top_i, count
         )
-        stats = torch.cat([imp, torch.stack([bal, zl])]).detach()
+        # stats: importance, balance, z-loss (zero for a loss not computed)
+        fill = lambda t: t.view(1) if t is not None else imp.new_zeros(1)  # noqa: E731
+        stats = torch.cat([imp, fill(bal), fill(zl)]).detach()
+        if aux is None:
+            aux = clean.new_zeros(())
         ctx.mark_non_differentiable(idx, stats)
         ctx.set_materialize_grads(False)  # (unused outputs' gradients arrive as None, not zeros)
         return gates, w, idx, aux, stats
@@ -117,26 +128,31 @@ class NoisyTopKGating(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # (no double backward: a clear error instead of a silently wrong graph)
     def backward(ctx, g_gates, g_w, _g_idx, g_aux, _g_stats):
-        inp, w_gate, w_noise, noise, keep, clean, raw, std, w, top_i, count = ctx.saved_tensors
+        inp, w_gate, w_noise, noise, keep, gates, raw, std, top_i, count = ctx.saved_tensors
         k, s = ctx.k, ctx.saved
-        g_rows, n = clean.shape
+        g_rows, n = gates.shape
         kw = keep.unsqueeze(1) if keep is not None else None
-        if g_gates is None:
-            g_gates = clean.new_zeros(g_rows, n)
-        g_clean = None
-        g_aux = g_aux if g_aux is not None else clean.new_zeros(())
-        if ctx.balance == "cv":
-            d_imp, d_load = (g_aux * ctx.bw) * s["dcv2"]  # [N] each
-            d_imp = d_imp.unsqueeze(0) if kw is None else kw * d_imp
-            g_gates = g_gates + d_imp
-        # through the top-k softmax into the selected logits
         idx = top_i[:, :k]
-        g_wk = g_gates.gather(1, idx)
-        if g_w is not None:
-            g_wk = g_wk + g_w
-        g_top = w * (g_wk - (w * g_wk).sum(1, keepdim=True))
-        g_logits = clean.new_zeros(g_rows, n).scatter_(1, idx, g_top)
-        if ctx.smooth:  # (noisy CV loss)
+        if g_gates is None:
+            g_gates = gates.new_zeros(g_rows, n)
+        if g_w is not None:  # w = gates at idx
+            g_gates = g_gates.scatter_add(1, idx, g_w)
+        g_clean = None
+        if g_aux is not None and "sums" in s:
+            sums, den = s["sums"], s["den"]
+            # d CV^2(importance) / d importance_i = 2 importance_i / ((n-1) den) + (the same for
+            # every i: dropped)
+            d_imp = sums[0] * g_aux  # [N]
+            if kw is not None:
+                d_imp = kw * d_imp  # [G, N]
+            g_gates = torch.addcdiv(g_gates, d_imp, den[0], value=2.0 * ctx.bw / (n - 1))
+        # through the softmax over the top k (the dense gates are that softmax, zeros elsewhere)
+        g_logits = torch._softmax_backward_data(g_gates, gates, 1, gates.dtype)
+        if ctx.smooth and g_aux is not None:  # (noisy CV loss)
+            sums, den, mu, cv2 = s["sums"][1], s["den"][1], s["mu"][1], s["cv2"][1]
+            # d CV^2(load) / d load = 2 / ((n-1) den) * (load - mu - (n-1)/n CV^2 mu)
+            d_load = torch.addcmul(sums - mu, cv2, mu, value=-(n - 1) / n)
+            d_load = d_load * (g_aux * (2.0 * ctx.bw / (n - 1)) / den)  # [N]
             z, is_in = s["z"], s["is_in"]
             d_p = d_load.unsqueeze(0) if kw is None else kw * d_load  # dAux/dP [G, N]
             d_z = torch.exp(z.square().mul_(-0.5)).mul_(d_p * _INV_SQRT_2PI).div_(std)  # dAux/d(numerator)
@@ -146,17 +162,17 @@ class NoisyTopKGating(torch.autograd.Function):
             d_in = (d_z * is_in).sum(1, keepdim=True)
             d_out = d_in - d_z.sum(1, keepdim=True)
             g_logits.scatter_add_(1, top_i[:, k - 1 : k + 1], torch.cat([d_out, d_in.neg_()], 1))
-        if ctx.zw > 0:
+        if ctx.zw > 0 and g_aux is not None:
             d_lse = (g_aux * ctx.zw * 2.0) * s["lse"] / count
             if keep is not None:
                 d_lse = d_lse * keep
-            dz = torch.softmax(clean, dim=-1) * d_lse.unsqueeze(1)
+            dz = torch.softmax(s["clean"], dim=-1) * d_lse.unsqueeze(1)
             g_clean = dz if g_clean is None else g_clean + dz
         g_clean = g_logits if g_clean is None else g_clean + g_logits
         g_raw = None
         if ctx.noisy:
             g_std = g_logits * noise
-            if ctx.smooth:
+            if ctx.smooth and g_aux is not None:
                 g_std.addcmul_(d_z, s["z"], value=-1.0)
             # softplus' = sigmoid (beyond softplus's threshold of 20 the slope is 1, and so is the
             # fp32 sigmoid there)
@@ -167,13 +183,15 @@ class NoisyTopKGating(torch.autograd.Function):
             g_inp = g_clean @ w_gate.t()
             if g_raw is not None:
                 g_inp = g_inp.addmm_(g_raw, w_noise.t())
-        # (g^T inp)^T rather than inp^T g: with many routed tokens the former is the faster
-        # product on the CPU (a transposed [tokens, d] operand)
+        # contiguous: inp^T g, laid out as the weight (no copy when autograd accumulates it);
+        # else (g^T inp)^T: with many routed tokens the faster product on the CPU (a transposed
+        # [tokens, d] operand)
+        wgrad = (lambda g: inp.t() @ g) if ctx.contiguous else (lambda g: (g.t() @ inp).t())  # noqa: E731
         if need_wg:
-            g_wg = (g_clean.t() @ inp).t()
+            g_wg = wgrad(g_clean)
         if need_wn and g_raw is not None:
-            g_wn = (g_raw.t() @ inp).t()
-        return g_inp, g_wg, g_wn, None, None, None, None, None, None
+            g_wn = wgrad(g_raw)
+        return g_inp, g_wg, g_wn, None, None, None, None, None, None, None
 
 
 def noisy_top_k_gating(
@@ -186,10 +204,14 @@ def noisy_top_k_gating(
     balance: str,
     balance_weight: float,
     z_weight: float,
+    contiguous: bool = False,
 ):
     """See :class:`NoisyTopKGating`; inp [G, d] fp32, noise [G, N] standard normal or None
-    (no noise), keep [G] float (1 = counts in the auxiliary loss) or None (all)."""
-    return NoisyTopKGating.apply(inp, w_gate, w_noise, noise, keep, k, balance, balance_weight, z_weight)
+    (no noise), keep [G] float (1 = counts in the auxiliary loss) or None (all); contiguous: the
+    weight gradients laid out as the weights (the reference path)."""
+    return NoisyTopKGating.apply(
+        inp, w_gate, w_noise, noise, keep, k, balance, balance_weight, z_weight, contiguous
+    )
 
 
 # ---- the blocked path's router (Router.route with impl="blocked") ---------------------------------
@@ -199,14 +221,8 @@ def route_blocked(router, inp: Tensor, aux_mask: Optional[Tensor], aux: bool, no
     """Router.route on the blocked path: the fused node where it applies (cv/none balance loss, no
     compressed experts), else the step-by-step reference below (Router.fused = False forces it).
     inp (G, d) fp32. Returns (gates (G, N), topk_idx, topk_gates (G, kf), compressed or None)."""
-    if (
-        aux
-        and router.fused
-        and not router.cfg.compressed_experts
-        and router.cfg.balance_loss in ("cv", "none")
-    ):
-        if aux_mask is None or bool(aux_mask.any()):
-            return _route_fused(router, inp, aux_mask, noisy)
+    if fused_applies(router, aux) and (aux_mask is None or bool(aux_mask.any())):
+        return route_fused(router, inp, aux_mask, noisy)
     clean = inp @ router.w_gate.float()
     logits = clean
     if noisy:
@@ -258,8 +274,15 @@ def _split(router, gk: Tensor, ik: Tensor, top_v: Tensor, selected: Optional[Ten
     return gates, idx, w, ce
 
 
-def _route_fused(router, inp: Tensor, aux_mask: Optional[Tensor], noisy: bool):
-    """route() with the gating and its auxiliary loss as one autograd node (gating.py)."""
+def fused_applies(router, aux: bool) -> bool:
+    """Whether route_fused computes this router's gating: training with the cv or no balance loss,
+    no compressed experts (Router.fused = False turns it off)."""
+    cfg = router.cfg
+    return aux and router.fused and not cfg.compressed_experts and cfg.balance_loss in ("cv", "none")
+
+
+def route_fused(router, inp: Tensor, aux_mask: Optional[Tensor], noisy: bool):
+    """route() with the gating and its auxiliary loss as one autograd node (no host sync)."""
     cfg, n = router.cfg, router.num_experts
     noise = (
         torch.randn(inp.size(0), n, dtype=inp.dtype, device=inp.device) if noisy else None
@@ -275,6 +298,7 @@ def _route_fused(router, inp: Tensor, aux_mask: Optional[Tensor], noisy: bool):
         cfg.balance_loss,
         cfg.balance_weight,
         cfg.z_loss_weight,
+        router.reference,
     )
     router.summary = st
     return gates, idx, w, None

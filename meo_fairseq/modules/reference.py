@@ -34,6 +34,12 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# Outside torch.compile, run the MEO linear and the router's gating as single autograd nodes whose
+# backward is written out (MergedLinear here, gating.NoisyTopKGating): the same functions in fewer
+# ops. False: the plain autograd of this file everywhere (the tests compare the two).
+FUSED = True
 
 NOISE_EPS = 1e-2  # floor of the noise scale
 CV_EPS = 1e-10  # CV^2 = var / (mean^2 + CV_EPS)
@@ -188,8 +194,46 @@ def merge_experts(gates: Tensor, weight: Tensor, bias: Optional[Tensor] = None):
 
 def merged_linear(x: Tensor, gates: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """MEO linear: x (G, T, in), the T tokens of group g sharing gates[g] (G, N) -> (G, T, out)."""
+    if FUSED and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return MergedLinear.apply(x.to(weight.dtype), gates, weight, bias)
     merged_weight, merged_bias = merge_experts(gates, weight, bias)
     return apply_merged(x, merged_weight, merged_bias)
+
+
+class MergedLinear(torch.autograd.Function):
+    """merged_linear as one autograd node: the same three products forward, and a backward written
+    out in seven (autograd's own takes ten, and keeps the merged weight (G, out, in) alive until
+    the backward; this node keeps only its inputs and merges again)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gates: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        merged_weight, merged_bias = merge_experts(gates, weight, bias)  # (G, out, in), (G, out)
+        ctx.save_for_backward(x, gates, weight, bias)
+        return apply_merged(x, merged_weight, merged_bias)  # (G, T, out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, gates, weight, bias = ctx.saved_tensors
+        n, groups = weight.size(0), gates.size(0)
+        g = gates.to(weight.dtype)  # (G, N)
+        need_x, need_gates, need_w, need_b = ctx.needs_input_grad
+        grad_x = grad_gates = grad_w = grad_b = None
+        if need_x:
+            merged_weight = (g @ weight.view(n, -1)).view(groups, *weight.shape[1:])  # (G, out, in)
+            grad_x = torch.bmm(grad, merged_weight)  # (G, T, in)
+        grad_mw = torch.bmm(grad.transpose(1, 2), x).view(groups, -1)  # (G, out*in)
+        grad_mb = grad.sum(1) if bias is not None else None  # (G, out)
+        if need_gates:
+            grad_gates = grad_mw @ weight.view(n, -1).t()  # (G, N)
+            if bias is not None:
+                grad_gates = torch.addmm(grad_gates, grad_mb, bias.t())
+            grad_gates = grad_gates.to(gates.dtype)
+        if need_w:
+            grad_w = (g.t() @ grad_mw).view(weight.shape)  # (N, out, in)
+        if need_b and bias is not None:
+            grad_b = g.t() @ grad_mb  # (N, out)
+        return grad_x, grad_gates, grad_w, grad_b
 
 
 def apply_merged(x: Tensor, merged_weight: Tensor, merged_bias: Optional[Tensor]) -> Tensor:
@@ -309,7 +353,9 @@ def _grouped_mm_backward(ctx, grad):
     a, b, offsets = ctx.saved_tensors
     grad = grad.contiguous()
     ga = _grouped_mm_op(grad, b.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
-    gb = _grouped_mm_wgrad(a, grad, offsets, b.size(0)) if ctx.needs_input_grad[1] else None
+    # per group grad_rows^T a_rows (N, P, K), seen as (N, K, P): b is usually a transposed weight
+    # (N, P, K), whose gradient is then laid out as the weight (no copy when autograd accumulates it)
+    gb = _grouped_mm_wgrad(grad, a, offsets, b.size(0)).transpose(1, 2) if ctx.needs_input_grad[1] else None
     return ga, gb, None
 
 

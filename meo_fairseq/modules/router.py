@@ -162,7 +162,10 @@ class Router(nn.Module):
         """
         inp = inp.float()
         noisy = self.training and self.cfg.gate_noise
-        if self.reference or torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if self.reference and not compiling and reference.FUSED and gating.fused_applies(self, aux):
+            return gating.route_fused(self, inp, aux_mask, noisy)  # one autograd node, no host sync
+        if self.reference or compiling:
             cfg = self.cfg
             noise = torch.randn(inp.size(0), cfg.experts, device=inp.device) if noisy else None
             keep = aux_mask.float() if aux_mask is not None else None
