@@ -31,10 +31,11 @@ sys.path.insert(0, ROOT)
 
 from meo_fairseq.benchmark import quality as Q  # noqa: E402
 
-# The models of the demo (quality-study variants) and the options of their expert layers, from the
-# study (docs/quality.md): no gate noise, and a small random router, so that upcycled copies diverge.
+# The models of the demo (quality-study variants). Their expert layers take the plugin's defaults,
+# which the study chose (docs/quality.md): no gate noise, and a small random router when upcycled,
+# so that the copies diverge.
 MODELS = ("dense", "moe", "meo")
-EXPERT_ARGS = "--no-moe-gate-noise --moe-router-init normal --moe-router-init-std 0.1"
+EXPERT_ARGS = ""
 
 
 def log(msg):

@@ -65,6 +65,46 @@ def test_fused_gating_equals_reference(balance, z, noise, k, n, mask):
         assert gr_f[2].abs().sum() > 0  # the smooth load estimate reaches the noise weights
 
 
+@pytest.mark.parametrize("balance,mask", [("cv", "all"), ("cv", "some"), ("none", "all")])
+def test_gate_noise_scale_scales_the_std_on_every_path(balance, mask):
+    """gate_noise_scale multiplies the noise std: the fused node equals the step-by-step router and
+    reference.noisy_top_k (values and gradients), and the noisy logits move by scale x noise x std."""
+    from meo_fairseq.modules import reference
+
+    g, d, n, k = 7, 5, 6, 2
+    x = torch.randn(g, d, generator=torch.Generator().manual_seed(1))
+    m = None if mask == "all" else torch.tensor([True, False, True, True, False, True, True])
+    runs = {}
+    for scale in (1.0, 0.3):
+        cfg = MoEConfig(
+            mode="meo", level="sequence", routing="sequence", experts=n, top_k=k, balance_loss=balance,
+            gate_noise=True, gate_noise_scale=scale, balance_weight=0.1,
+        )  # fmt: skip
+        out_r, _, gr_r = _route(False, cfg, d, x, m)
+        out_f, _, gr_f = _route(True, cfg, d, x, m)
+        assert torch.equal(out_r[1], out_f[1])
+        for a, b in zip(out_r + gr_r, out_f + gr_f):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        runs[scale] = out_f
+        # reference.noisy_top_k with the same weights and noise draw
+        torch.manual_seed(3)
+        r = Router(d, cfg)
+        with torch.no_grad():
+            r.w_gate.normal_()
+            r.w_noise.normal_(std=0.5)
+        torch.manual_seed(4)
+        noise = torch.randn(g, n)
+        keep = m.float() if m is not None else None
+        ref, loss = reference.noisy_top_k(
+            x, r.w_gate, r.w_noise, k, noise, keep, balance=balance, balance_weight=0.1, noise_scale=scale
+        )
+        torch.testing.assert_close(ref.gates, out_f[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss.aux_loss, out_f[3], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(runs[1.0][0], runs[0.3][0])  # the scale changes the draw's effect
+    with pytest.raises(ValueError, match="--moe-gate-noise-scale"):
+        MoEConfig(gate_noise_scale=0.0)
+
+
 def test_fused_gating_softplus_linear_region_and_half_input():
     """Large noise logits (softplus beyond its threshold of 20) and fp16 router inputs."""
     cfg = MoEConfig(mode="meo", level="sequence", routing="sequence", experts=6, top_k=2, balance_weight=0.5)

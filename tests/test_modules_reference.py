@@ -377,6 +377,12 @@ def test_fairseq_flags_reach_the_layer_config():
     assert cfg.impl == "reference" and cfg.compile
     cfg = layer_configs(argparse.Namespace(), "encoder", 1)[0]
     assert cfg.impl == "auto" and not cfg.compile
+    # gate noise: off unless --moe-gate-noise (no_moe_gate_noise False, as old checkpoints store it)
+    assert not cfg.gate_noise and cfg.gate_noise_scale == 1.0
+    for stored, noisy in ((None, False), (True, False), (False, True)):
+        ns = argparse.Namespace(no_moe_gate_noise=stored, moe_gate_noise_scale=0.25)
+        cfg = layer_configs(ns, "encoder", 1)[0]
+        assert cfg.gate_noise == noisy and cfg.gate_noise_scale == 0.25
 
 
 # ---- fairseq's NaN detector --------------------------------------------------------------------

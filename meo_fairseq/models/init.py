@@ -26,7 +26,8 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
 
-from .upcycle import loading_trained_checkpoint
+from .common import attach_metadata
+from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +102,17 @@ def apply_init(model: torch.nn.Module, args) -> None:
         logger.info("--moe-router-init normal: %d routers ~ N(0, %g^2)", n_router, std)
     if scale != 1.0:
         logger.info("--moe-expert-init-scale %g: scaled %d expert weights", scale, n_expert)
+
+
+def finish_build(model: torch.nn.Module, args, task, upgrade=None, **metadata) -> torch.nn.Module:
+    """The end of every plugin model's ``build_model``, in this order: copy the dense checkpoint of
+    ``--moe-upcycle-from`` (not when fairseq builds a model to load a trained checkpoint into;
+    ``upgrade``: see upcycle_from_checkpoint), apply the ``--moe-router-init`` /
+    ``--moe-expert-init-scale`` options, and record the dictionaries and expert options
+    (``metadata``: attach_metadata's keyword arguments). Returns ``model``."""
+    path = safe_getattr(args, "moe_upcycle_from", None)
+    if path and not loading_trained_checkpoint():
+        upcycle_from_checkpoint(model, path, upgrade=upgrade)
+    apply_init(model, args)
+    attach_metadata(model, args, task, **metadata)
+    return model

@@ -37,10 +37,9 @@ from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from fairseq.utils import safe_getattr, safe_hasattr
 
 from ..modules.experts import StackedExperts, TokenBlock
-from .common import MetadataCheckMixin, MoETransformerEncoder, ResumeArgs, attach_metadata
-from .init import MoEInitArgs, apply_init
+from .common import MetadataCheckMixin, MoETransformerEncoder, ResumeArgs
+from .init import MoEInitArgs, finish_build
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
-from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -137,15 +136,17 @@ class MEORobertaModel(MetadataCheckMixin, RobertaModel):
         if OmegaConf.is_config(args):
             OmegaConf.set_struct(args, True)
         model = cls(args, encoder)
-        path = safe_getattr(args, "moe_upcycle_from", None)
-        if path and not loading_trained_checkpoint():
-            upcycle_from_checkpoint(model, path, upgrade=model._upgrade_dense_state)
-        apply_init(model, args)
         files = _dictionary_files(task)
         # sentence_prediction's target dictionary holds the labels: recorded as "label", so that a
         # classifier fine-tuned from a masked-LM checkpoint compares only the token dictionary
-        attach_metadata(model, args, task, files, target_role="label" if files else "target")
-        return model
+        return finish_build(
+            model,
+            args,
+            task,
+            upgrade=model._upgrade_dense_state,
+            dictionary_files=files,
+            target_role="label" if files else "target",
+        )
 
     def _upgrade_dense_state(self, dense: dict) -> dict:
         """A dense RoBERTa state dict in this model's key layout (as fairseq loads it into RoBERTa);

@@ -17,11 +17,9 @@ from .common import (
     MoETransformerDecoder,
     MoETransformerEncoder,
     ResumeArgs,
-    attach_metadata,
 )
-from .init import MoEInitArgs, apply_init
+from .init import MoEInitArgs, finish_build
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
-from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
 
 @register_model("meo_transformer")
@@ -37,12 +35,7 @@ class MEOTransformerModel(MetadataCheckMixin, TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         model = super().build_model(args, task)
-        path = safe_getattr(args, "moe_upcycle_from", None)
-        if path and not loading_trained_checkpoint():
-            upcycle_from_checkpoint(model, path)
-        apply_init(model, args)
-        attach_metadata(model, args, task, defaults={"moe_decoder_routing": "encoder"})
-        return model
+        return finish_build(model, args, task, defaults={"moe_decoder_routing": "encoder"})
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):

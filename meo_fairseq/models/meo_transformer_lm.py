@@ -23,11 +23,9 @@ from .common import (
     MetadataCheckMixin,
     MoETransformerDecoder,
     ResumeArgs,
-    attach_metadata,
 )
-from .init import MoEInitArgs, apply_init
+from .init import MoEInitArgs, finish_build
 from .moe_args import MoEArgs, add_gate_noise_alias, layer_configs
-from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +61,7 @@ class MEOTransformerLanguageModel(MetadataCheckMixin, TransformerLanguageModel):
         )
         model = cls(decoder)
         task.meo_lm_positions = args.max_target_positions  # read by the eval-lm check below
-        path = safe_getattr(args, "moe_upcycle_from", None)
-        if path and not loading_trained_checkpoint():
-            upcycle_from_checkpoint(model, path)
-        apply_init(model, args)
-        attach_metadata(model, args, task, defaults={"moe_decoder_routing": "segment"})
-        return model
+        return finish_build(model, args, task, defaults={"moe_decoder_routing": "segment"})
 
 
 def _warn_if_never_routed(moe_cfgs, tokens_per_sample):

@@ -56,6 +56,13 @@ class MoEArgs(FairseqDataclass):
             "docs/quality.md); --moe-gate-noise turns on the authors' noisy top-k gating"
         },
     )
+    moe_gate_noise_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "with --moe-gate-noise: multiply the noise std softplus(x W_noise) + 0.01 (0.70 at "
+            "the start) by this factor"
+        },
+    )
     moe_balance_loss: ChoiceEnum(BALANCE_LOSSES) = field(
         default="cv",
         metadata={"help": "auxiliary load-balancing loss: CV^2(importance)+CV^2(load), Switch, or none"},
@@ -196,6 +203,7 @@ def layer_configs(args, side: str, num_layers: int, is_lm: bool = False) -> List
         segment_length=int(_get(args, "moe_segment_length", 64)),
         prefix_length=int(_get(args, "moe_prefix_length", 64)),
         gate_noise=gate_noise(args),
+        gate_noise_scale=float(_get(args, "moe_gate_noise_scale", 1.0)),
         balance_loss=str(_get(args, "moe_balance_loss", "cv")),
         balance_weight=float(_get(args, "moe_balance_weight", 0.01)),
         z_loss_weight=float(_get(args, "moe_z_loss_weight", 0.0)),

@@ -71,6 +71,9 @@ class MoEConfig:
     gate_noise: bool = False
     """noisy top-k gating in training (the authors' default: True). Off by default: the noise
     stalls training (docs/quality.md)"""
+    gate_noise_scale: float = 1.0
+    """multiplies the noise std softplus(x W_noise) + 0.01 (the authors: 1; at W_noise = 0 the std
+    is 0.70 times this)"""
     balance_loss: str = "cv"
     balance_weight: float = 0.01
     z_loss_weight: float = 0.0
@@ -119,6 +122,8 @@ class MoEConfig:
             bad("segment_length", "segment routing needs a positive --moe-segment-length")
         if self.routing == "prefix" and not (self.prefix_length or 0) >= 1:
             bad("prefix_length", "prefix routing needs a positive --moe-prefix-length")
+        if not (math.isfinite(self.gate_noise_scale) and self.gate_noise_scale > 0):
+            bad("gate_noise_scale", f"must be a finite number > 0, got {self.gate_noise_scale}")
         for name in ("balance_weight", "z_loss_weight", "merge_min_tokens"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):

@@ -58,6 +58,7 @@ class NoisyTopKGating(torch.autograd.Function):
         balance_weight: float,
         z_weight: float,
         contiguous: bool = False,
+        noise_scale: float = 1.0,
     ):
         g_rows, n = inp.size(0), w_gate.size(1)
         clean = inp @ w_gate
@@ -65,6 +66,8 @@ class NoisyTopKGating(torch.autograd.Function):
         if noisy:
             raw = inp @ w_noise
             std = F.softplus(raw).add_(NOISE_EPS)
+            if noise_scale != 1.0:
+                std.mul_(noise_scale)
             logits = torch.addcmul(clean, noise, std)
         else:
             raw = std = None
@@ -112,6 +115,7 @@ class NoisyTopKGating(torch.autograd.Function):
             noisy,
             contiguous,
         )
+        ctx.noise_scale = noise_scale
         ctx.saved = saved
         ctx.save_for_backward(
             inp, w_gate, w_noise if noisy else None, noise, keep, gates, raw, std, top_i, count
@@ -177,6 +181,8 @@ class NoisyTopKGating(torch.autograd.Function):
             # softplus' = sigmoid (beyond softplus's threshold of 20 the slope is 1, and so is the
             # fp32 sigmoid there)
             g_raw = g_std * torch.sigmoid(raw)
+            if ctx.noise_scale != 1.0:
+                g_raw.mul_(ctx.noise_scale)
         need_inp, need_wg, need_wn = ctx.needs_input_grad[:3]
         g_inp = g_wg = g_wn = None
         if need_inp:
@@ -191,7 +197,7 @@ class NoisyTopKGating(torch.autograd.Function):
             g_wg = wgrad(g_clean)
         if need_wn and g_raw is not None:
             g_wn = wgrad(g_raw)
-        return g_inp, g_wg, g_wn, None, None, None, None, None, None, None
+        return g_inp, g_wg, g_wn, None, None, None, None, None, None, None, None
 
 
 def noisy_top_k_gating(
@@ -205,12 +211,14 @@ def noisy_top_k_gating(
     balance_weight: float,
     z_weight: float,
     contiguous: bool = False,
+    noise_scale: float = 1.0,
 ):
     """See :class:`NoisyTopKGating`; inp [G, d] fp32, noise [G, N] standard normal or None
     (no noise), keep [G] float (1 = counts in the auxiliary loss) or None (all); contiguous: the
-    weight gradients laid out as the weights (the reference path)."""
+    weight gradients laid out as the weights (the reference path); noise_scale multiplies the
+    noise std."""
     return NoisyTopKGating.apply(
-        inp, w_gate, w_noise, noise, keep, k, balance, balance_weight, z_weight, contiguous
+        inp, w_gate, w_noise, noise, keep, k, balance, balance_weight, z_weight, contiguous, noise_scale
     )
 
 
@@ -226,7 +234,7 @@ def route_blocked(router, inp: Tensor, aux_mask: Optional[Tensor], aux: bool, no
     clean = inp @ router.w_gate.float()
     logits = clean
     if noisy:
-        std = F.softplus(inp @ router.w_noise.float()) + NOISE_EPS
+        std = (F.softplus(inp @ router.w_noise.float()) + NOISE_EPS) * router.cfg.gate_noise_scale
         logits = clean + torch.randn_like(clean) * std
     # the smooth load estimate needs the (k+1)-th noisy logit too: one top-k for both
     smooth = aux and noisy and router.cfg.balance_loss == "cv" and router.cfg.top_k < router.num_experts
@@ -299,6 +307,7 @@ def route_fused(router, inp: Tensor, aux_mask: Optional[Tensor], noisy: bool):
         cfg.balance_weight,
         cfg.z_loss_weight,
         router.reference,
+        cfg.gate_noise_scale,
     )
     router.summary = st
     return gates, idx, w, None

@@ -111,6 +111,7 @@ def noisy_top_k(
     balance_weight: float = 0.01,
     z_weight: float = 0.0,
     aux: bool = True,
+    noise_scale: float = 1.0,
 ) -> Tuple[Gates, Optional[RouterLoss]]:
     """Noisy top-k gating and its auxiliary loss.
 
@@ -123,6 +124,7 @@ def noisy_top_k(
         balance: "cv" (CV^2(importance) + CV^2(load), the load smoothed with noise), "switch", "none"
         balance_weight, z_weight: weights of the balance loss and the z-loss
         aux: False: no loss (decoding)
+        noise_scale: multiplies the noise std
     Returns:
         (Gates, RouterLoss or None)
     """
@@ -131,6 +133,8 @@ def noisy_top_k(
     logits = clean
     if noise is not None:
         std = F.softplus(inp @ w_noise) + NOISE_EPS  # (G, N)
+        if noise_scale != 1.0:
+            std = std * noise_scale
         logits = torch.addcmul(clean, noise, std)
     smooth = aux and noise is not None and balance == "cv" and k < n
     top_logits, top_idx = logits.topk(k + int(smooth), dim=-1)  # (G, k [+ 1]), descending

@@ -182,6 +182,7 @@ class Router(nn.Module):
                 cfg.balance_weight,
                 cfg.z_loss_weight,
                 aux,
+                cfg.gate_noise_scale,
             )
             if loss is not None:
                 self.aux_loss, self.summary = loss
