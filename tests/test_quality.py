@@ -108,6 +108,10 @@ def test_commands(tmp_path):
         Q.train_cmd(a, Q.VARIANTS["moe"], tmp_path / "b", 600, 1)
     )  # the save dir is no part
     assert k1 != Q.run_key(Q.train_cmd(a, Q.VARIANTS["moe"], tmp_path / "a", 600, 2))
+    # a moved checkout (another --user-dir) is the same run; another option is not
+    moved = k1.replace(str(Q.REPO / "meo_fairseq"), "/elsewhere/meo_fairseq")
+    assert moved != k1 and Q.same_run(moved, k1)
+    assert not Q.same_run(k1, Q.run_key(Q.train_cmd(a, Q.VARIANTS["moe"], tmp_path / "a", 600, 2)))
     cmd = Q.eval_cmd(a, tmp_path / "c.pt")
     assert (
         cmd[cmd.index("--path") + 1] == str(tmp_path / "c.pt")

@@ -207,6 +207,13 @@ def run_key(cmd: List[str]) -> str:
     return " ".join(cmd[1:-2])
 
 
+def same_run(key_a: str, key_b: str) -> bool:
+    """Whether two run keys name the same run: equal but for the plugin's location (--user-dir),
+    which changes when the checkout moves and means nothing for the run."""
+    strip = lambda k: re.sub(r"--user-dir \S+ ", "", k)  # noqa: E731
+    return strip(key_a) == strip(key_b)
+
+
 def _env(threads: int) -> Dict[str, str]:
     e = dict(os.environ)
     e["OMP_NUM_THREADS"] = e["MKL_NUM_THREADS"] = str(threads)
@@ -298,7 +305,7 @@ def run_one(a, name: str, cmd: List[str], run_dir: Path, updates: int, label: st
         key = run_key(cmd)
         if res_path.exists():
             res = json.loads(res_path.read_text())
-            if res["key"] != key:
+            if not same_run(res["key"], key):
                 raise StudyError(
                     f"{run_dir} holds a run with other options:\n  {res['key']}\nnot\n  {key}\n"
                     "use another --out or variant name"
@@ -306,7 +313,7 @@ def run_one(a, name: str, cmd: List[str], run_dir: Path, updates: int, label: st
             log(f"{label}: done before (valid ppl {2 ** res['curve'][-1][1]:.1f})")
             return res
         cfg_path = run_dir / "key.txt"
-        if cfg_path.exists() and cfg_path.read_text() != key:
+        if cfg_path.exists() and not same_run(cfg_path.read_text(), key):
             raise StudyError(
                 f"{run_dir} holds an unfinished run with other options; remove it or use another --out"
             )
@@ -525,7 +532,7 @@ def collect(a, variants: Dict[str, str], names: List[str], settings: List[str], 
                 if not path.exists():
                     continue
                 res = json.loads(path.read_text())
-                if res["key"] == run_key(job_cmd(a, variants, out, setting, name, seed)):
+                if same_run(res["key"], run_key(job_cmd(a, variants, out, setting, name, seed))):
                     runs[setting].setdefault(name, {})[seed] = res
     return runs
 
