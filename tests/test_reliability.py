@@ -10,6 +10,7 @@ few updates on tests/data/wikitext-2:
 - an unreadable --moe-upcycle-from file is reported with the flag, the file and what was expected.
 """
 
+import logging
 import re
 import shutil
 
@@ -194,6 +195,34 @@ def test_resume_check_compares_block_order_and_weighting_where_they_apply():
     assert meta(moe_compressed_experts=0, moe_compressed_weighting="authors") == meta(
         moe_compressed_experts=0, moe_compressed_weighting="renormalised"
     )
+
+
+def test_resume_warns_when_the_gate_noise_differs(caplog):
+    """The gate noise does not change the function (no refusal), but resuming without it a run that
+    trained with it changes the training: a warning, also for checkpoints written before the
+    default changed (they do not record it and trained with noise unless told otherwise)."""
+    from argparse import Namespace
+
+    from meo_fairseq.models.common import _warn_training_changes, build_metadata
+
+    class NoDicts:
+        source_dictionary = target_dictionary = None
+
+    def meta(**kw):
+        return build_metadata(Namespace(**kw), NoDicts(), dictionary_files=(None, None))
+
+    quiet, noisy = meta(), meta(no_moe_gate_noise=False)
+    assert quiet["training"] == {"gate_noise": False} and noisy["training"] == {"gate_noise": True}
+    old = {k: v for k, v in noisy.items() if k != "training"}
+    cases = [(old, quiet, "written before the default changed"), (noisy, quiet, "trained with gate noise"),
+             (quiet, noisy, "trained without gate noise"), (noisy, noisy, None), (quiet, quiet, None),
+             (old, noisy, None)]  # fmt: skip
+    for saved, own, needle in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="meo_fairseq.models.common"):
+            _warn_training_changes(saved, own, "checkpoint c.pt")
+        text = " ".join(r.getMessage() for r in caplog.records)
+        assert (needle in text) if needle else not text, (needle, text)
 
 
 # ---- items 7 and 8: upcycling ---------------------------------------------------------------

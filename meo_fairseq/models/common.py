@@ -20,6 +20,7 @@ from fairseq.models.transformer import (
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.utils import safe_getattr
 
+from .moe_args import gate_noise
 from .moe_layers import MoETransformerDecoderLayer, MoETransformerEncoderLayer
 
 logger = logging.getLogger(__name__)
@@ -184,7 +185,9 @@ def build_metadata(
         moe["moe_token_block_order"] = None  # no token block: the order means nothing
     if not moe["moe_compressed_experts"]:
         moe["moe_compressed_weighting"] = None
-    return {"version": META_VERSION, "dictionaries": dicts, "moe": moe}
+    # training options that do not change the function, compared on resume with a warning
+    training = {"gate_noise": gate_noise(args)}
+    return {"version": META_VERSION, "dictionaries": dicts, "moe": moe, "training": training}
 
 
 def encode_metadata(meta: dict) -> torch.Tensor:
@@ -289,6 +292,7 @@ def check_loaded_metadata(model: torch.nn.Module, state_dict: dict, prefix: str 
         return
     if saved.get("moe", {}).get("moe_mode") == own["moe"].get("moe_mode") == "dense":
         return  # no expert layer either way: the other options mean nothing
+    _warn_training_changes(saved, own, checkpoint)
     changed = [
         f"--{name.replace('_', '-')} {saved['moe'][name]} (checkpoint) vs {own['moe'][name]} (now)"
         for name in MEANING_OPTIONS
@@ -301,6 +305,28 @@ def check_loaded_metadata(model: torch.nn.Module, state_dict: dict, prefix: str 
             + ". Its weights would be used under another meaning. Resume with the checkpoint's options, use "
             "another --save-dir for a new run, or add --reset-moe-options to load the weights under the new "
             "options on purpose"
+        )
+
+
+def _warn_training_changes(saved: dict, own: dict, checkpoint: str) -> None:
+    """Resuming: warn where the gate noise differs from the checkpoint's training (and for a
+    checkpoint written before the default changed to no noise, which does not record it)."""
+    noisy = own.get("training", {}).get("gate_noise")
+    then = saved.get("training", {}).get("gate_noise")
+    if then is None and not noisy:
+        logger.warning(
+            "%s was written before the default changed to no gate noise and does not record whether it "
+            "trained with noise: it did unless it was started with --no-moe-gate-noise. This run trains "
+            "without noise; add --moe-gate-noise to continue as before",
+            checkpoint,
+        )
+    elif then is not None and then != noisy:
+        logger.warning(
+            "%s trained %s gate noise; this run continues %s it (%s)",
+            checkpoint,
+            "with" if then else "without",
+            "with" if noisy else "without",
+            "--moe-gate-noise" if noisy else "no --moe-gate-noise",
         )
 
 
