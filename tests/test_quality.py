@@ -208,6 +208,41 @@ def test_expert_init_scale_and_errors():
             apply_init(model, bad)
 
 
+def test_default_expert_init_scale_is_sqrt_k_from_scratch():
+    """--moe-expert-init-scale not given: sqrt(k) per linear from scratch (k = top-k less the
+    compressed experts), k ** 0.25 for vanilla MoE over whole-FFN experts, 1 when upcycling; the
+    experts' weights are scaled by it and nothing else is."""
+    from argparse import Namespace
+
+    from meo_fairseq.models.init import default_expert_init_scale
+
+    def scale(**kw):
+        return default_expert_init_scale(Namespace(**kw), upcycled=False)
+
+    assert scale(moe_top_k=2) == pytest.approx(math.sqrt(2))
+    assert scale(moe_top_k=4, moe_compressed_experts=1) == pytest.approx(math.sqrt(3))
+    assert scale(moe_mode="moe", moe_top_k=4, moe_expert_unit="linear") == pytest.approx(2.0)
+    assert scale(moe_mode="moe", moe_top_k=4, moe_expert_unit="ffn") == pytest.approx(math.sqrt(2))
+    assert scale(moe_mode="meo", moe_top_k=4, moe_expert_unit="ffn") == pytest.approx(2.0)
+    assert default_expert_init_scale(Namespace(moe_top_k=4), upcycled=True) == 1.0
+    flags = LM + ["--moe-mode", "meo", "--moe-top-k", "2"]
+    model, _ = build("meo_transformer_lm_tiny", "language_modeling", flags)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    args = Q.build_parser().parse_args(["--data", "x"])
+    args.moe_top_k, args.moe_router_init, args.moe_expert_init_scale, args.moe_upcycle_from = (
+        2,
+        "zero",
+        None,
+        None,
+    )
+    apply_init(model, args)
+    for n, p in model.named_parameters():
+        if n.endswith("experts.weight"):
+            torch.testing.assert_close(p, math.sqrt(2) * before[n])
+        else:
+            assert torch.equal(p, before[n]), n
+
+
 # ---- end to end (fairseq-train, fairseq-eval-lm) ------------------------------------------------
 
 
