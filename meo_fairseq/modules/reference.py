@@ -26,7 +26,9 @@ Shapes: ``G`` routing groups (tokens, sequences or segments), ``N`` experts, ``k
 Every function here runs without a host-device synchronisation (no ``.item()``, no shapes that
 depend on values), so a layer built on it compiles whole with ``torch.compile(fullgraph=True)``.
 The fast CPU kernels (``impl="blocked"``: merge.py, dispatch.py, gating.py) compute the same
-functions and are tested against this file.
+functions and are tested against this file. Outside ``torch.compile`` the reference path runs two
+pieces as single autograd nodes with their backward written out (``FUSED``: ``MergedLinear`` below
+and ``gating.NoisyTopKGating``), the same functions in fewer ops.
 """
 
 from typing import NamedTuple, Optional, Tuple
@@ -387,6 +389,7 @@ __all__ = [
     "noisy_top_k",
     "merge_experts",
     "merged_linear",
+    "MergedLinear",
     "apply_merged",
     "sort_by_expert",
     "moe_linear",
@@ -394,4 +397,5 @@ __all__ = [
     "grouped_linear",
     "grouped_mm",
     "NOISE_EPS",
+    "FUSED",
 ]
