@@ -216,7 +216,13 @@ def main():
         f"training: dense {args.updates} updates; MoE and MEO from scratch; then dense continued and "
         f"upcycled into MoE and MEO, {args.updates} updates each (expert options: {args.expert_args})"
     )
-    Q.main(study)
+    try:
+        Q.main(study)
+    except Q.StudyError as e:  # e.g. runs of an earlier version of the demo, with other options
+        raise SystemExit(
+            f"[demo] {e}\n[demo] {args.out} holds runs with other options (an earlier demo?): "
+            f"remove it (rm -r {args.out}) or pass --out DIR"
+        ) from None
     res = json.load(open(os.path.join(args.out, "results.json")))
     tables, routing = {}, {}
     for setting, title in (
