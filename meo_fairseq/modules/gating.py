@@ -26,10 +26,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import losses
+from .reference import CV_EPS, NOISE_EPS  # the same constants as the reference
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-NOISE_EPS = 1e-2  # floor of the noise scale
-CV_EPS = 1e-10  # CV^2 = var / (mean^2 + CV_EPS)
 
 
 class NoisyTopKGating(torch.autograd.Function):
