@@ -384,6 +384,15 @@ def test_model_commands(tmp_path):
             assert [c for c in cmd if c in ("--fp16", "--bf16")] == ([flag] if flag else [])
         cmd = [str(c) for c in MD.generate_cmd(tmp_path, tmp_path / "c.pt", a, 1, 1)]
         assert [c for c in cmd if c in ("--fp16", "--bf16")] == ([gen_flag] if gen_flag else [])
+    # --train-args come last (a repeated option wins); --no-generate trains xsum without saving
+    a.train_args, a.no_generate = "--moe-compile --moe-top-k 1", True
+    for task in ("xsum", "lm"):
+        cmd = [str(c) for c in MD.train_cmd(task, tmp_path, "some_arch", "meo", a, tmp_path / "ck")]
+        assert cmd[-3:] == ["--moe-compile", "--moe-top-k", "1"] and cmd.count("--moe-top-k") == 2
+        assert "--no-save" in cmd and "--save-dir" not in cmd
+    a.no_generate = False
+    cmd = [str(c) for c in MD.train_cmd("xsum", tmp_path, "some_arch", "meo", a, tmp_path / "ck")]
+    assert "--no-save" not in cmd and cmd[cmd.index("--save-dir") + 1] == str(tmp_path / "ck")
     for bad in ("32", "0x6", "ax1"):
         with pytest.raises(ValueError, match="--gen"):
             MD.gen_setting(bad)

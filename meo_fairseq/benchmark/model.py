@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -59,6 +60,18 @@ MODE_FLAGS = {
     "meo": ["--moe-mode", "meo", "--moe-level", "sequence"],
 }
 PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"]}
+# the xsum data as fairseq-train and fairseq-generate read it
+XSUM_DATA_ARGS = [
+    "--task",
+    "translation",
+    "--source-lang",
+    "src",
+    "--target-lang",
+    "tgt",
+    "--truncate-source",
+    "--max-source-positions",
+    512,
+]
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _TRANSLATED = re.compile(
     r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ("
@@ -168,6 +181,11 @@ def prepare(work: Path, threads, timeout, vocab: int) -> Dict[str, Path]:
 
 
 def train_cmd(task: str, data: Path, arch: str, mode: str, a, save_dir: Path) -> List:
+    # --train-args last: where they repeat one of the options here, they win
+    return _train_cmd(task, data, arch, mode, a, save_dir) + shlex.split(getattr(a, "train_args", "") or "")
+
+
+def _train_cmd(task: str, data: Path, arch: str, mode: str, a, save_dir: Path) -> List:
     moe = MODE_FLAGS[mode] + ["--moe-experts", a.experts, "--moe-top-k", a.top_k]
     common = [
         "--user-dir",
@@ -205,21 +223,15 @@ def train_cmd(task: str, data: Path, arch: str, mode: str, a, save_dir: Path) ->
     common += PRECISION_FLAGS[a.precision]
     # fairseq-train --bf16 looks for torch_xla (fairseq issue #4696); meo_fairseq.train does not
     entry = "meo_fairseq.train" if a.precision == "bf16" else "fairseq_cli.train"
+    save_args = ["--save-dir", save_dir, "--no-epoch-checkpoints"]
+    save_args += ["--save-interval-updates", a.updates, "--keep-interval-updates", 1]
     if task == "xsum":
         return [
             sys.executable,
             "-m",
             entry,
             data,
-            "--task",
-            "translation",
-            "--source-lang",
-            "src",
-            "--target-lang",
-            "tgt",
-            "--truncate-source",
-            "--max-source-positions",
-            512,
+            *XSUM_DATA_ARGS,
             "--max-target-positions",
             512,
             "--share-all-embeddings",
@@ -229,13 +241,9 @@ def train_cmd(task: str, data: Path, arch: str, mode: str, a, save_dir: Path) ->
             "0.1",
             "--required-batch-size-multiple",
             1,
-            "--save-dir",
-            save_dir,
-            "--no-epoch-checkpoints",
-            "--save-interval-updates",
-            a.updates,
-            "--keep-interval-updates",
-            1,
+            # the checkpoint is what fairseq-generate loads; without generation, saving one (a
+            # large model's weights and optimizer state) would only cost time
+            *(["--no-save"] if getattr(a, "no_generate", False) else save_args),
             *common,
             *moe,
         ]
@@ -277,15 +285,7 @@ def generate_cmd(data: Path, ckpt: Path, a, batch: int, beam: int) -> List:
         data,
         "--user-dir",
         PKG,
-        "--task",
-        "translation",
-        "--source-lang",
-        "src",
-        "--target-lang",
-        "tgt",
-        "--truncate-source",
-        "--max-source-positions",
-        512,
+        *XSUM_DATA_ARGS,
         "--path",
         ckpt,
         "--gen-subset",
@@ -394,6 +394,7 @@ def run(a) -> dict:
             "precision": a.precision,
             "repeats": a.repeats,
             "gen_repeats": a.gen_repeats,
+            "train_args": a.train_args,
             "workdir": str(work) if a.workdir else None,
             "rows": rows,
         }
@@ -450,9 +451,9 @@ def table(res: dict) -> str:
         head += f" {'gen ' + k + ' sent/s':>17s} {'x dense':>7s} {'tok/s':>8s} {'x dense':>7s}"
     lines = [
         f"fairseq end to end: {res['experts']} experts, top-{res['top_k']}, {res['updates']} updates, "
-        f"{res.get('precision', 'fp32')} "
-        f"(train words/s: median of {res.get('repeats', 1)} interleaved runs; generate BATCHxBEAM: median of "
-        f"{res.get('gen_repeats', 1)})",
+        f"{res.get('precision', 'fp32')}{', ' + res['train_args'] if res.get('train_args') else ''} "
+        f"(train words/s: median of {res.get('repeats', 1)} interleaved runs"
+        + (f"; generate BATCHxBEAM: median of {res.get('gen_repeats', 1)})" if keys else ")"),
         head,
         "-" * len(head),
     ]
@@ -528,6 +529,12 @@ def main(argv=None) -> int:
         help="training precision: fairseq's --fp16 (GPU only), "
         "or --bf16 through python -m meo_fairseq.train; "
         "generation runs in fp16 for fp16, else in fp32 (fairseq-generate has no bfloat16)",
+    )
+    p.add_argument(
+        "--train-args",
+        default="",
+        help="more fairseq-train options for every mode, one string, e.g. '--moe-compile' "
+        "(given after the benchmark's own, so they win)",
     )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
