@@ -49,6 +49,11 @@ ADAM = ["--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "fixed"]
 SGD_LR0 = ["--optimizer", "sgd", "--lr", "0"]  # 1 update with lr 0: the weights stay put
 
 
+def gpu_args(args: Sequence) -> list:
+    """Shared settings above without their --cpu (tests/test_gpu.py)."""
+    return [a for a in args if a != "--cpu"]
+
+
 def env() -> Dict[str, str]:
     e = dict(os.environ)
     # tiny models: one thread per process is faster than two on a 2-core machine, and two

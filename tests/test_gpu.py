@@ -9,10 +9,14 @@ import math
 import pytest
 import torch
 from cli_utils import (
+    ADAM,
+    LM_COMMON,
+    MOE_SMALL,
     REPO,
     USER_DIR,
     eval_lm,
     finite,
+    gpu_args,
     hypotheses,
     preprocess_lm,
     preprocess_seq2seq,
@@ -20,6 +24,7 @@ from cli_utils import (
     train_inner,
     write_seq2seq_text,
 )
+from test_cli_translation import COMMON, MODELS
 
 import meo_fairseq.modules.merge as M
 from meo_fairseq.benchmark.layers import build
@@ -246,41 +251,9 @@ def test_fairseq_lm_half_precision_on_gpu(tmp_path, precision):
         "meo_transformer_lm_tiny",
         "--criterion",
         "moe_cross_entropy",
-        "--task",
-        "language_modeling",
-        "--tokens-per-sample",
-        "64",
-        "--max-tokens",
-        "1024",
-        precision,
-        "--num-workers",
-        "0",
-        "--seed",
-        "1",
-        "--log-format",
-        "simple",
-        "--log-interval",
-        "1",
-        "--optimizer",
-        "adam",
-        "--lr",
-        "0.005",
-        "--lr-scheduler",
-        "fixed",
-        "--max-update",
-        UPDATES,
-        "--moe-mode",
-        "meo",
-        "--moe-experts",
-        "4",
-        "--moe-top-k",
-        "2",
-        "--moe-segment-length",
-        "16",
-        "--save-dir",
-        tmp_path / "ckpt",
-        "--no-epoch-checkpoints",
     ]
+    args += [*gpu_args(LM_COMMON), precision, *ADAM, "--max-update", UPDATES]
+    args += ["--moe-mode", "meo", *MOE_SMALL, "--moe-segment-length", "16", "--save-dir", tmp_path / "ckpt"]
     # fairseq-train takes --bf16 for --tpu: bfloat16 trains through meo_fairseq.train
     rows = train_inner(run("meo_fairseq.train" if precision == "--bf16" else "train", args, cwd=REPO).log)
     assert rows[-1]["num_updates"] == UPDATES and all(finite(r["loss"]) for r in rows)
@@ -318,53 +291,8 @@ def test_fairseq_translation_fp16_generate_on_gpu(tmp_path):
     the CPU: a hypothesis for every input, the same ones."""
     write_seq2seq_text(tmp_path / "text")
     data = preprocess_seq2seq(tmp_path / "text", tmp_path / "bin")
-    args = [
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "meo_transformer_tiny",
-        "--criterion",
-        "moe_label_smoothed_cross_entropy",
-        "--label-smoothing",
-        "0.1",
-        "--task",
-        "translation",
-        "--source-lang",
-        "src",
-        "--target-lang",
-        "tgt",
-        "--max-tokens",
-        "1024",
-        "--fp16",
-        "--num-workers",
-        "0",
-        "--seed",
-        "1",
-        "--log-format",
-        "simple",
-        "--log-interval",
-        "1",
-        "--optimizer",
-        "adam",
-        "--lr",
-        "0.005",
-        "--lr-scheduler",
-        "fixed",
-        "--max-update",
-        UPDATES,
-        "--moe-mode",
-        "meo",
-        "--moe-level",
-        "sequence",
-        "--moe-experts",
-        "4",
-        "--moe-top-k",
-        "2",
-        "--save-dir",
-        tmp_path / "ckpt",
-        "--no-epoch-checkpoints",
-    ]
+    args = [data, *MODELS["meo"], *gpu_args(COMMON), "--fp16", *ADAM, "--max-update", UPDATES]
+    args += ["--save-dir", tmp_path / "ckpt"]
     rows = train_inner(run("train", args).log)
     assert rows[-1]["num_updates"] == UPDATES and all(finite(r["loss"]) for r in rows)
     gen = [
