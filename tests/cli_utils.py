@@ -26,24 +26,9 @@ DATA = REPO / "tests" / "data"
 TIMEOUT = 300
 
 # Tiny-model settings shared by the tests.
-LM_COMMON = [
-    "--task",
-    "language_modeling",
-    "--tokens-per-sample",
-    "64",
-    "--max-tokens",
-    "1024",
-    "--cpu",
-    "--num-workers",
-    "0",
-    "--seed",
-    "1",
-    "--log-format",
-    "simple",
-    "--log-interval",
-    "1",
-    "--no-epoch-checkpoints",
-]
+TINY_RUN = ["--max-tokens", "1024", "--cpu", "--num-workers", "0", "--seed", "1"]
+TINY_RUN += ["--log-format", "simple", "--log-interval", "1", "--no-epoch-checkpoints"]
+LM_COMMON = ["--task", "language_modeling", "--tokens-per-sample", "64", *TINY_RUN]
 MOE_SMALL = ["--moe-experts", "4", "--moe-top-k", "2"]
 ADAM = ["--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "fixed"]
 SGD_LR0 = ["--optimizer", "sgd", "--lr", "0"]  # 1 update with lr 0: the weights stay put

@@ -14,6 +14,7 @@ import pytest
 from cli_utils import (
     ADAM,
     SGD_LR0,
+    TINY_RUN,
     USER_DIR,
     dict_size,
     finite,
@@ -30,26 +31,7 @@ from cli_utils import (
 MAX_UPDATE = 20
 N_TEST = 20  # lines of tests/data/xsum/test.jsonl
 N_VALID = 20
-COMMON = [
-    "--task",
-    "translation",
-    "--source-lang",
-    "src",
-    "--target-lang",
-    "tgt",
-    "--max-tokens",
-    "1024",
-    "--cpu",
-    "--num-workers",
-    "0",
-    "--seed",
-    "1",
-    "--log-format",
-    "simple",
-    "--log-interval",
-    "1",
-    "--no-epoch-checkpoints",
-]
+COMMON = ["--task", "translation", "--source-lang", "src", "--target-lang", "tgt", *TINY_RUN]
 LS = ["--label-smoothing", "0.1"]
 MOE = [
     "--user-dir",

@@ -61,17 +61,8 @@ MODE_FLAGS = {
 }
 PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"]}
 # the xsum data as fairseq-train and fairseq-generate read it
-XSUM_DATA_ARGS = [
-    "--task",
-    "translation",
-    "--source-lang",
-    "src",
-    "--target-lang",
-    "tgt",
-    "--truncate-source",
-    "--max-source-positions",
-    512,
-]
+XSUM_DATA_ARGS = ["--task", "translation", "--source-lang", "src", "--target-lang", "tgt"]
+XSUM_DATA_ARGS += ["--truncate-source", "--max-source-positions", 512]
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _TRANSLATED = re.compile(
     r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ("
