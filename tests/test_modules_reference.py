@@ -145,6 +145,22 @@ def test_merged_linear_node_equals_plain_autograd_fp64(monkeypatch):
     )
 
 
+def test_merged_linear_backward_holds_one_merged_weight_at_a_time(monkeypatch):
+    """The node's backward frees the merged weight it made again (for the input gradient) before it
+    makes the merged weight's gradient, as large: with merged weights much larger than the
+    activations (many sequences of few tokens), a training step's peak stays near one merged weight
+    (it was two)."""
+    from meo_fairseq.benchmark.layers import build, peak_memory
+
+    monkeypatch.setattr(reference, "FUSED", True)
+    groups, tokens, dim, ffn = 8, 2, 64, 256
+    m = build("meo", dim, ffn, 4, 2, "cpu", torch.float32, impl="reference")
+    x, probe = torch.randn(groups, tokens, dim), torch.randn(groups, tokens, dim)
+    merged = groups * dim * ffn * 4  # bytes of one merged weight (G, out, in), fp32
+    activations = groups * tokens * (dim + ffn) * 4 * 8  # generously: every activation 8 times over
+    assert merged < peak_memory(m, x, probe) < merged + activations < 1.4 * merged
+
+
 def test_reference_merged_linear_and_moe_linear_equal_fast_kernels():
     """fp64, no fp32 step: tight."""
     g = torch.Generator().manual_seed(0)

@@ -228,6 +228,7 @@ class MergedLinear(torch.autograd.Function):
         if need_x:
             merged_weight = (g @ weight.view(n, -1)).view(groups, *weight.shape[1:])  # (G, out, in)
             grad_x = torch.bmm(grad, merged_weight)  # (G, T, in)
+            del merged_weight  # freed before grad_mw, as large, is made: one of them at a time
         grad_mw = torch.bmm(grad.transpose(1, 2), x).view(groups, -1)  # (G, out*in)
         grad_mb = grad.sum(1) if bias is not None else None  # (G, out)
         if need_gates:
