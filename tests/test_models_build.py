@@ -72,6 +72,23 @@ def test_warning_when_segments_are_longer_than_samples(caplog):
     assert "never route" not in caplog.text
 
 
+@pytest.mark.parametrize(
+    "arch,task", [("meo_transformer_lm_tiny", "language_modeling"), ("meo_transformer_tiny", "translation")]
+)
+def test_warning_for_the_switch_loss_with_meo_only(caplog, arch, task):
+    """The Switch loss with MEO (docs/quality.md 2(iv)) warns, once per build; with vanilla MoE, or
+    MEO with the default loss, nothing is said."""
+    for flags, warned in (
+        (["--moe-mode", "meo", "--moe-balance-loss", "switch"], True),
+        (["--moe-mode", "moe", "--moe-balance-loss", "switch"], False),
+        (["--moe-mode", "meo"], False),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            build(arch, task, flags)
+        assert caplog.text.count("--moe-balance-loss switch with --moe-mode meo") == int(warned), flags
+
+
 def test_upcycle_vocabulary_mismatch_names_the_dictionary(tmp_path):
     dense, d = build("meo_transformer_tiny", "translation", ["--moe-mode", "dense", "--share-all-embeddings"])
     state = {k: v.clone() for k, v in dense.state_dict().items()}

@@ -32,6 +32,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
 
 from .common import attach_metadata
+from .moe_args import warn_harmful_settings
 from .upcycle import loading_trained_checkpoint, upcycle_from_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -126,14 +127,17 @@ def default_expert_init_scale(args, upcycled: bool) -> float:
 
 
 def finish_build(model: torch.nn.Module, args, task, upgrade=None, **metadata) -> torch.nn.Module:
-    """The end of every plugin model's ``build_model``, in this order: copy the dense checkpoint of
-    ``--moe-upcycle-from`` (not when fairseq builds a model to load a trained checkpoint into;
-    ``upgrade``: see upcycle_from_checkpoint), apply the ``--moe-router-init`` /
-    ``--moe-expert-init-scale`` options, and record the dictionaries and expert options
-    (``metadata``: attach_metadata's keyword arguments). Returns ``model``."""
+    """The end of every plugin model's ``build_model``, in this order: warn about option pairs known
+    to hurt (warn_harmful_settings) and copy the dense checkpoint of ``--moe-upcycle-from`` (both
+    not when fairseq builds a model to load a trained checkpoint into; ``upgrade``: see
+    upcycle_from_checkpoint), apply the ``--moe-router-init`` / ``--moe-expert-init-scale``
+    options, and record the dictionaries and expert options (``metadata``: attach_metadata's
+    keyword arguments). Returns ``model``."""
     path = safe_getattr(args, "moe_upcycle_from", None)
-    if path and not loading_trained_checkpoint():
-        upcycle_from_checkpoint(model, path, upgrade=upgrade)
+    if not loading_trained_checkpoint():
+        warn_harmful_settings(args)
+        if path:
+            upcycle_from_checkpoint(model, path, upgrade=upgrade)
     apply_init(model, args)
     attach_metadata(model, args, task, **metadata)
     return model
