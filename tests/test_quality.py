@@ -303,3 +303,57 @@ def test_study_end_to_end(lm_bin, tmp_path, capsys):
     assert capsys.readouterr().out.count("done before") == 5
     with pytest.raises(Q.StudyError, match="other options"):
         bench_main(argv[:-2] + ["--variants", "moe_nonoise", "--expert-args", "--moe-balance-weight 0.1"])
+    # a finished run is reused only while its resolved options hold: a default that changed since
+    # (here faked by editing what the run recorded) refuses it, naming the option
+    path = out / "scratch" / "moe_nonoise" / "seed1" / "result.json"
+    run = json.loads(path.read_text())
+    assert (
+        run["resolved"]["layer"]["gate_noise"] is False and run["resolved"]["init"]["router_init"] == "zero"
+    )
+    run["resolved"]["layer"]["balance_weight"] = 0.5
+    path.write_text(json.dumps(run))
+    with pytest.raises(
+        Q.StudyError, match=r"other defaults of the plugin:\n  layer.balance_weight: 0.5 then"
+    ):
+        bench_main(argv)
+    # a run recorded before resolved options were kept (or with an option unknown then) is reused,
+    # and the log says what was not compared
+    del run["resolved"]
+    path.write_text(json.dumps(run))
+    capsys.readouterr()
+    assert bench_main(argv) == 0
+    assert "not compared with the current defaults: (the run predates" in capsys.readouterr().out
+
+
+def test_resolved_options_of_the_runs(tmp_path):
+    """What a run records besides its command: the expert layer's configuration and initialisation
+    with every default resolved (sqrt(k) and a zero router from scratch, scale 1 and a random
+    router when upcycling, no gate noise), the model's sizes; the dense FFN records only its mode."""
+    a = Q.build_parser().parse_args(["--data", str(tmp_path), "--args", "--decoder-embed-dim 128"])
+    scratch = Q.resolved_options(Q.train_cmd(a, Q.VARIANTS["meo"], tmp_path / "r", 600, 1))
+    up = Q.resolved_options(Q.train_cmd(a, Q.VARIANTS["meo"], tmp_path / "r", 600, 1, tmp_path / "d.pt"))
+    assert scratch["init"] == {"router_init": "zero", "router_init_std": 0.1, "expert_init_scale": 2**0.5}
+    assert up["init"] == {"router_init": "normal", "router_init_std": 0.1, "expert_init_scale": 1.0}
+    assert scratch["layer"] == up["layer"] and scratch["layer"]["gate_noise"] is False
+    assert (scratch["layer"]["mode"], scratch["layer"]["routing"], scratch["layer"]["top_k"]) == (
+        "meo",
+        "segment",
+        2,
+    )
+    assert "impl" not in scratch["layer"] and scratch["sizes"]["decoder_embed_dim"] == 128
+    # options that mean nothing for the layer are left out (their "auto" may resolve either way)
+    assert "token_block_order" not in scratch["layer"] and "compressed_weighting" not in scratch["layer"]
+    token = Q.resolved_options(Q.train_cmd(a, Q.VARIANTS["meo_token"], tmp_path / "r", 600, 1))
+    assert token["layer"]["token_block_order"] in ("route_first", "block_first")
+    dense = Q.resolved_options(Q.train_cmd(a, Q.VARIANTS["dense"], tmp_path / "r", 600, 1))
+    assert dense["layer"] == {"mode": "dense"} and dense["init"] == {}
+    assert Q.resolved_differences(scratch, scratch) == ([], [])
+    changed, one_sided = Q.resolved_differences(scratch, {**up, "new": {"x": 1}})
+    assert changed == [
+        "init.expert_init_scale: 1.4142135623730951 then, 1.0 now",
+        "init.router_init: 'zero' then, 'normal' now",
+    ]
+    assert one_sided == ["new.x"]
+    bad = Q.train_cmd(a, Q.VARIANTS["meo"] + " --moe-mode nope", tmp_path / "r", 600, 1)
+    with pytest.raises(Q.StudyError, match="argument --moe-mode: invalid choice: 'nope'"):
+        Q.resolved_options(bad)

@@ -44,12 +44,18 @@ rewritten after each run), ``results.md`` (the table in Markdown) and ``curves.p
 curves by updates and by training time). The study is resumable: a finished run (same command) is
 not run again, an interrupted one continues from its last checkpoint (saved at every validation),
 and several invocations may share one ``--out`` (a lock per run). A run whose options changed is
-refused: use another ``--out`` or variant name.
+refused: use another ``--out`` or variant name. So is a run of the same command made when the
+plugin's defaults differed: each run records its options with every default resolved
+(``resolved_options``), and the error names those that changed.
 """
 
 import argparse
+import contextlib
+import dataclasses
 import fcntl
+import io
 import json
+import logging
 import math
 import os
 import re
@@ -296,13 +302,69 @@ def _echo(a):
     return None
 
 
+def resolved_options(cmd: List[str]) -> Dict:
+    """What a run's fairseq-train command means under the plugin's current defaults: the expert
+    layer's configuration (``modules.MoEConfig``, less ``impl`` and ``compile``, which change how it
+    runs, not what it computes), the initialisation (router, expert scale) and the model's sizes,
+    every default resolved. The run key is the command, which cannot see a changed default: these
+    are stored with each finished run, and it is reused only while they still hold."""
+    from fairseq import options
+
+    from ..models.init import resolved_init
+    from ..models.moe_args import layer_configs
+
+    quiet = logging.getLogger("fairseq.utils")  # ("--user-dir ... has already been imported")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):  # (argparse's usage; its error line is kept below)
+            args = options.parse_args_and_arch(options.get_training_parser(), input_args=cmd[3:])
+        layer = layer_configs(args, "decoder", args.decoder_layers, is_lm=True)[-1]
+        init = resolved_init(args) if layer.mode != "dense" else {}
+    except (SystemExit, ValueError) as e:
+        why = [line.removeprefix("-: ") for line in err.getvalue().strip().splitlines()[-1:]] or [str(e)]
+        raise StudyError(f"fairseq-train refuses the options of the command {' '.join(cmd)}\n{why[0]}")
+    finally:
+        quiet.setLevel(level)
+    if layer.mode == "dense":  # (a dense FFN ignores every other expert option)
+        layer = {"mode": "dense"}
+    else:
+        drop = {"impl", "compile"}  # and the options that mean nothing for this layer:
+        if layer.mode != "meo" or layer.level != "token":
+            drop.add("token_block_order")  # (no token block)
+        if not layer.compressed_experts:
+            drop.add("compressed_weighting")
+        layer = {k: v for k, v in dataclasses.asdict(layer).items() if k not in drop}
+    sizes = {k: v for k, v in vars(args).items() if re.match(r"(encoder|decoder)_", k)}
+    # through JSON, as result.json stores them (tuples become lists)
+    return json.loads(json.dumps({"layer": layer, "init": init, "sizes": sizes}, default=str))
+
+
+def resolved_differences(stored: Optional[Dict], now: Dict) -> Tuple[List[str], List[str]]:
+    """(options whose resolved value changed, options known to only one of the two) between the
+    resolved options of a finished run and those its command has now, as "group.option" lines."""
+    if stored is None:
+        return [], ["(the run predates the record of resolved options)"]
+    changed, one_sided = [], []
+    for group in sorted(set(stored) | set(now)):
+        old, new = stored.get(group, {}), now.get(group, {})
+        for k in sorted(set(old) | set(new)):
+            if k in old and k in new:
+                if old[k] != new[k]:
+                    changed.append(f"{group}.{k}: {old[k]!r} then, {new[k]!r} now")
+            else:
+                one_sided.append(f"{group}.{k}")
+    return changed, one_sided
+
+
 def run_one(a, name: str, cmd: List[str], run_dir: Path, updates: int, label: str) -> Dict:
     """Train (or resume, or reuse) one run and evaluate its last checkpoint; returns its result."""
     run_dir.mkdir(parents=True, exist_ok=True)
     res_path = run_dir / "result.json"
     with open(run_dir / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another invocation may be running this very run
-        key = run_key(cmd)
+        key, resolved = run_key(cmd), resolved_options(cmd)
         if res_path.exists():
             res = json.loads(res_path.read_text())
             if not same_run(res["key"], key):
@@ -310,14 +372,31 @@ def run_one(a, name: str, cmd: List[str], run_dir: Path, updates: int, label: st
                     f"{run_dir} holds a run with other options:\n  {res['key']}\nnot\n  {key}\n"
                     "use another --out or variant name"
                 )
+            changed, one_sided = resolved_differences(res.get("resolved"), resolved)
+            if changed:
+                raise StudyError(
+                    f"{run_dir} holds a run of the same command made under other defaults of the "
+                    "plugin:\n  " + "\n  ".join(changed) + "\nuse another --out to run it again"
+                )
+            if one_sided:
+                log(f"{label}: reused; not compared with the current defaults: {', '.join(one_sided)}")
             log(f"{label}: done before (valid ppl {2 ** res['curve'][-1][1]:.1f})")
             return res
-        cfg_path = run_dir / "key.txt"
+        cfg_path, resolved_path = run_dir / "key.txt", run_dir / "resolved.json"
         if cfg_path.exists() and not same_run(cfg_path.read_text(), key):
             raise StudyError(
                 f"{run_dir} holds an unfinished run with other options; remove it or use another --out"
             )
+        if (
+            resolved_path.exists()
+            and resolved_differences(json.loads(resolved_path.read_text()), resolved)[0]
+        ):
+            raise StudyError(
+                f"{run_dir} holds an unfinished run made under other defaults of the plugin; remove it "
+                "or use another --out"
+            )
         cfg_path.write_text(key)
+        resolved_path.write_text(json.dumps(resolved, indent=1))
         t0 = time.time()
         log(f"{label}: training {updates} updates")
 
@@ -336,7 +415,8 @@ def run_one(a, name: str, cmd: List[str], run_dir: Path, updates: int, label: st
         ckpt = run_dir / "checkpoint_last.pt"
         if a.eval_subset:
             res.update(parse_eval_log(_stream(eval_cmd(a, ckpt), run_dir / "eval.log", a.threads)))
-        res.update(key=key, variant=name, updates=updates, checkpoint=str(ckpt), wall_s=time.time() - t0)
+        res.update(key=key, resolved=resolved, variant=name, updates=updates, checkpoint=str(ckpt))
+        res["wall_s"] = time.time() - t0
         res_path.write_text(json.dumps(res, indent=1))
         extra = f", {a.eval_subset} ppl {res['eval_ppl']:.1f}" if a.eval_subset else ""
         log(
@@ -532,8 +612,13 @@ def collect(a, variants: Dict[str, str], names: List[str], settings: List[str], 
                 if not path.exists():
                     continue
                 res = json.loads(path.read_text())
-                if same_run(res["key"], run_key(job_cmd(a, variants, out, setting, name, seed))):
-                    runs[setting].setdefault(name, {})[seed] = res
+                cmd = job_cmd(a, variants, out, setting, name, seed)
+                if not same_run(res["key"], run_key(cmd)):
+                    continue
+                if resolved_differences(res.get("resolved"), resolved_options(cmd))[0]:
+                    log(f"left out {path.parent}: made under other defaults of the plugin")
+                    continue
+                runs[setting].setdefault(name, {})[seed] = res
     return runs
 
 

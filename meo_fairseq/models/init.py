@@ -78,25 +78,8 @@ def apply_init(model: torch.nn.Module, args) -> None:
     """
     if loading_trained_checkpoint():
         return
-    router_init = str(_get(args, "moe_router_init", "auto"))
-    std = float(_get(args, "moe_router_init_std", 0.1))
-    given = safe_getattr(args, "moe_expert_init_scale", None)
-    upcycled = bool(safe_getattr(args, "moe_upcycle_from", None))
-    scale = default_expert_init_scale(args, upcycled) if given is None else float(given)
-    if router_init not in ROUTER_INITS:
-        raise ValueError(
-            f"--moe-router-init: unknown value {router_init!r}; choose one of {', '.join(ROUTER_INITS)}"
-        )
-    if std < 0:
-        raise ValueError(f"--moe-router-init-std: must be >= 0, got {std}")
-    if scale <= 0:
-        raise ValueError(f"--moe-expert-init-scale: must be > 0, got {scale}")
-    if router_init == "auto":
-        router_init = "normal" if upcycled else "zero"
-    if scale != 1.0 and upcycled:
-        raise ValueError(
-            "--moe-expert-init-scale applies to models trained from scratch, not with --moe-upcycle-from"
-        )
+    init = resolved_init(args)
+    router_init, std, scale = init["router_init"], init["router_init_std"], init["expert_init_scale"]
     n_router = n_expert = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -110,6 +93,32 @@ def apply_init(model: torch.nn.Module, args) -> None:
         logger.info("--moe-router-init normal: %d routers ~ N(0, %g^2)", n_router, std)
     if scale != 1.0:
         logger.info("--moe-expert-init-scale %g: scaled %d expert weights", scale, n_expert)
+
+
+def resolved_init(args) -> dict:
+    """The initialisation options as a model built from ``args`` applies them, defaults resolved:
+    {"router_init": "zero" or "normal", "router_init_std", "expert_init_scale"}.
+    Raises ValueError naming the flag for a bad value."""
+    router_init = str(_get(args, "moe_router_init", "auto"))
+    std = float(_get(args, "moe_router_init_std", 0.1))
+    given = safe_getattr(args, "moe_expert_init_scale", None)
+    upcycled = bool(safe_getattr(args, "moe_upcycle_from", None))
+    scale = default_expert_init_scale(args, upcycled) if given is None else float(given)
+    if router_init not in ROUTER_INITS:
+        raise ValueError(
+            f"--moe-router-init: unknown value {router_init!r}; choose one of {', '.join(ROUTER_INITS)}"
+        )
+    if std < 0:
+        raise ValueError(f"--moe-router-init-std: must be >= 0, got {std}")
+    if scale <= 0:
+        raise ValueError(f"--moe-expert-init-scale: must be > 0, got {scale}")
+    if scale != 1.0 and upcycled:
+        raise ValueError(
+            "--moe-expert-init-scale applies to models trained from scratch, not with --moe-upcycle-from"
+        )
+    if router_init == "auto":
+        router_init = "normal" if upcycled else "zero"
+    return {"router_init": router_init, "router_init_std": std, "expert_init_scale": scale}
 
 
 def default_expert_init_scale(args, upcycled: bool) -> float:
