@@ -102,6 +102,15 @@ class _ExpertBase(CachedMerges, nn.Module):
         blocked CPU kernels; the same functions."""
         return self.impl == "reference" or torch.compiler.is_compiling()
 
+    @torch.no_grad()
+    def _reset_routing_(self):
+        """Zero this layer's own router and make its token block the identity (upcycling)."""
+        if self.router is not None:
+            for p in self.router.parameters():
+                p.zero_()
+        if self.token_block is not None:
+            self.token_block.reset_identity_()
+
     def choose_merge(self, groups: int, tokens_per_group: float, cached: bool) -> bool:
         """Merge-then-compute (True) or compute-then-mix for linear experts: the same function;
         the blocked path's cost model (costs.py) picks the cheaper one."""
@@ -214,11 +223,7 @@ class ExpertLinear(_ExpertBase):
     def upcycle_(self, weight: Tensor, bias: Optional[Tensor]):
         """Become N copies of a dense linear; zero router; identity token block."""
         self.experts.copy_dense_(weight, bias)
-        if self.router is not None:
-            for p in self.router.parameters():
-                p.zero_()
-        if self.token_block is not None:
-            self.token_block.reset_identity_()
+        self._reset_routing_()
 
 
 class MoEFFN(_ExpertBase):
@@ -372,11 +377,7 @@ class MoEFFN(_ExpertBase):
         """Initialise from a dense FFN so that the layer computes exactly the dense function."""
         self.fc1.upcycle_(fc1_weight, fc1_bias)
         self.fc2.upcycle_(fc2_weight, fc2_bias)
-        if self.router is not None:
-            for p in self.router.parameters():
-                p.zero_()
-        if self.token_block is not None:
-            self.token_block.reset_identity_()
+        self._reset_routing_()
 
     def routers(self):
         return [m for m in self.modules() if isinstance(m, Router)]
