@@ -189,10 +189,24 @@ def test_reference_merged_linear_and_moe_linear_equal_fast_kernels():
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", ["torch", "refused", "absent"])
 @pytest.mark.parametrize("din,dout,empty", [(16, 8, False), (16, 8, True), (6, 5, False)])
-def test_grouped_mm_kernel_and_fallback_equal_per_group_matmuls(din, dout, empty):
+def test_grouped_mm_kernel_and_fallback_equal_per_group_matmuls(
+    din, dout, empty, kernel, monkeypatch, caplog
+):
     """torch's grouped_mm (16-byte aligned shapes) and the per-group fallback (6, 5) against one
-    matmul per group, values and gradients; an expert with no rows gets a zero gradient."""
+    matmul per group, values and gradients; an expert with no rows gets a zero gradient. The
+    fallback also serves a torch without the kernel, or whose kernel refuses the device or dtype
+    (said once)."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("not implemented for this device")
+
+    monkeypatch.setattr(reference, "_REFUSED", set())
+    if kernel != "torch":
+        monkeypatch.setattr(reference, "_GROUPED_MM", refuse if kernel == "refused" else None)
     g = torch.Generator().manual_seed(1)
     counts = [3, 0, 5, 2] if empty else [3, 1, 5, 2]
     r = sum(counts)
@@ -215,6 +229,9 @@ def test_grouped_mm_kernel_and_fallback_equal_per_group_matmuls(din, dout, empty
     torch.testing.assert_close(gb, b2.grad, rtol=1e-6, atol=1e-6)
     if empty:
         assert torch.count_nonzero(gb[1]) == 0
+    if kernel == "refused" and din == 16:  # (aligned: the kernel was tried, once, then not again)
+        assert len(calls) == 1 and caplog.text.count("grouped_mm refuses cpu torch.float32") == 1
+    assert not calls or kernel == "refused"
 
 
 @pytest.mark.parametrize("noisy,keep", [(True, True), (True, False), (False, True)])

@@ -31,12 +31,15 @@ pieces as single autograd nodes with their backward written out (``FUSED``: ``Me
 and ``gating.NoisyTopKGating``), the same functions in fewer ops.
 """
 
+import logging
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+logger = logging.getLogger(__name__)
 
 # Outside torch.compile, run the MEO linear and the router's gating as single autograd nodes whose
 # backward is written out (MergedLinear here, gating.NoisyTopKGating): the same functions in fewer
@@ -308,9 +311,16 @@ def grouped_linear(
 # ---- grouped matmul ----------------------------------------------------------------------------
 
 
+# torch's grouped matmul kernel: public from torch 2.10, torch._grouped_mm before (None: neither)
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_REFUSED = set()  # (device type, dtype) that the kernel of this torch refused: the loop serves them
+
+
 def _grouped_mm_ok(a: Tensor, b: Tensor) -> bool:
     """Shapes and dtypes torch's grouped_mm takes: rows and columns 16-byte aligned; bfloat16 on
     CUDA, fp32/bf16/fp16 on the CPU."""
+    if _GROUPED_MM is None or (a.device.type, a.dtype) in _REFUSED:
+        return False
     if a.dtype not in (
         (torch.bfloat16,) if a.device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)
     ):
@@ -319,11 +329,26 @@ def _grouped_mm_ok(a: Tensor, b: Tensor) -> bool:
     return all(s * size % 16 == 0 for s in (a.size(1), b.size(2)))
 
 
+def _kernel(a: Tensor, b: Tensor, offsets: Tensor) -> Optional[Tensor]:
+    """torch's kernel, or None where this torch refuses the device or dtype (an older torch may
+    lack the CPU kernel): said once, and the loop below serves them from then on."""
+    try:
+        return _GROUPED_MM(a, b, offs=offsets)
+    except (RuntimeError, NotImplementedError) as e:
+        _REFUSED.add((a.device.type, a.dtype))
+        logger.warning(
+            "torch's grouped_mm refuses %s %s (%s): one matmul per expert instead", a.device.type, a.dtype, e
+        )
+        return None
+
+
 @torch.library.custom_op("meo_fairseq::grouped_mm", mutates_args=())
 def _grouped_mm_op(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     """a (R, K) rows sorted by group, b (N, K, P), offsets (N,) -> (R, P): row r times b[its group]."""
     if _grouped_mm_ok(a, b):
-        return F.grouped_mm(a, b, offs=offsets)
+        out = _kernel(a, b, offsets)
+        if out is not None:
+            return out
     # fallback for shapes/dtypes torch's kernel refuses: one matmul per group (reads the offsets)
     out = a.new_empty(a.size(0), b.size(2))
     start = 0
@@ -342,7 +367,9 @@ def _(a, b, offsets):
 def _grouped_mm_wgrad(a: Tensor, grad: Tensor, offsets: Tensor, n: int) -> Tensor:
     """(N, K, P): per group, a_rows^T grad_rows (zeros for an empty group)."""
     if _grouped_mm_ok(a, grad.unsqueeze(0)) and a.size(0) * a.element_size() % 16 == 0:
-        return F.grouped_mm(a.t(), grad, offs=offsets)
+        out = _kernel(a.t(), grad, offsets)
+        if out is not None:
+            return out
     out = a.new_zeros(n, a.size(1), grad.size(1))
     start = 0
     for e, end in enumerate(offsets.tolist()):
