@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from meo_fairseq.modules import MoEConfig, MoEFFN, Router, merged_linear, mix_linear, reference, set_impl
 from meo_fairseq.modules.gating import noisy_top_k_gating
@@ -313,6 +314,56 @@ def test_reference_op_count_is_fixed_and_bounded():
     assert dense == 15  # two addmm, gelu, their backward (mm, mm, sum each, gelu_backward), the loss
     # docs/efficiency.md: 79 for MEO, the two routers' CV loss included (the floor of this layout)
     assert counts["meo"].pop() <= 79 and counts["meo-token"].pop() <= 103 and counts["moe-token"].pop() <= 111
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records the ops that make the host wait for the device: a scalar read (``item``, ``bool``)
+    or an output whose shape depends on the data (``nonzero``, boolean indexing, ``unique``...).
+    ``tolist`` of a CPU tensor dispatches nothing: the test patches it."""
+
+    SYNC = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_dim"}
+    SYNC |= {"unique_consecutive", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNC:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", ["meo", "meo-token", "moe-token"])
+def test_reference_training_and_decoding_steps_never_wait_for_the_device(variant, monkeypatch):
+    """The GPU path's promise, checked on the CPU: a training step (forward, auxiliary loss,
+    backward) and every incremental decoding step, with and without cached merges, read no value
+    of a tensor on the host and make no tensor whose shape depends on the data."""
+    from meo_fairseq.benchmark.layers import variant_config
+
+    read = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: read.append(t.shape) or [])
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: read.append(t.shape) or 0)
+    m = _randomize_(MoEFFN(16, 32, variant_config(variant, 4, 2, "reference"))).train()
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, 4:] = True
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    m(x, pad).sum().backward()  # (warm-up: lazy state)
+    with _HostSyncs() as syncs:
+        loss = m(x, pad).square().sum() + sum(r.aux_loss for r in m.routers())
+        loss.backward()
+    assert syncs.seen == [] and read == []
+    if variant == "moe-token":  # (token routing decodes as it trains)
+        return
+    for unit, routing in (("linear", "encoder"), ("ffn", "prefix")):
+        cfg = MoEConfig(mode="meo", experts=4, top_k=2, routing=routing, prefix_length=2, expert_unit=unit)
+        cfg = cfg.with_(level=variant_config(variant, 4, 2).level, impl="reference")
+        m = _randomize_(MoEFFN(16, 32, cfg, router_dim=16 if routing == "encoder" else None)).eval()
+        ctx, state = torch.randn(3, 16), {}
+        with torch.no_grad(), _HostSyncs() as syncs:
+            for _ in range(4):  # prefix routing fixes its gates after 2 positions; then cached
+                m(torch.randn(3, 1, 16), context=ctx, state=state)
+        assert syncs.seen == [] and read == [], (unit, routing)
 
 
 def _breaks(fn, *args):
