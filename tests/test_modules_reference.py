@@ -314,6 +314,16 @@ def test_reference_op_count_is_fixed_and_bounded():
     assert dense == 15  # two addmm, gelu, their backward (mm, mm, sum each, gelu_backward), the loss
     # docs/efficiency.md: 79 for MEO, the two routers' CV loss included (the floor of this layout)
     assert counts["meo"].pop() <= 79 and counts["meo-token"].pop() <= 103 and counts["moe-token"].pop() <= 111
+    # bfloat16 (the GPU's precision): the routers compute in fp32, at the cost of a few casts (the
+    # router weights and their gradients, the gates); the input is pooled straight into fp32 and
+    # the noise weights, unread without noise, are not cast
+    bf16 = {
+        v: _count_ops(
+            build(v, 16, 32, 4, 2, "cpu", torch.bfloat16, impl="reference"), torch.randn(2, 5, 16).bfloat16()
+        )
+        for v in ("dense", "meo")
+    }
+    assert bf16["dense"] == 17 and bf16["meo"] <= 93, bf16
 
 
 class _HostSyncs(TorchDispatchMode):

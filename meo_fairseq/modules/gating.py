@@ -202,7 +202,7 @@ class NoisyTopKGating(torch.autograd.Function):
 def noisy_top_k_gating(
     inp: Tensor,
     w_gate: Tensor,
-    w_noise: Tensor,
+    w_noise: Optional[Tensor],
     noise: Optional[Tensor],
     keep: Optional[Tensor],
     k: int,
@@ -298,7 +298,7 @@ def route_fused(router, inp: Tensor, aux_mask: Optional[Tensor], noisy: bool):
     gates, w, idx, router.aux_loss, st = noisy_top_k_gating(
         inp,
         router.w_gate.float(),
-        router.w_noise.float(),
+        router.w_noise.float() if noisy else None,  # (a cast is an op: only when read)
         noise,
         keep,
         cfg.top_k,

@@ -71,7 +71,7 @@ def pool(x: Tensor, pad_mask: Optional[Tensor] = None) -> Tensor:
     """Masked mean over T of x (B, T, d), pad_mask (B, T) True = pad; fp32 (B, d). A sequence
     without real tokens gives zeros."""
     if pad_mask is None:
-        return x.float().mean(1)  # (B, d)
+        return torch.mean(x, 1, dtype=torch.float32)  # (B, d); (no fp32 copy of a half-precision x)
     keep = (~pad_mask).float()  # (B, T)
     w = keep / keep.sum(1, keepdim=True).clamp(min=1.0)  # (B, T)
     return torch.bmm(w.unsqueeze(1), x.float()).squeeze(1)  # (B, d)
@@ -106,7 +106,7 @@ def _gates(topk_logits: Tensor, topk_idx: Tensor, logits: Tensor, compressed: in
 def noisy_top_k(
     inp: Tensor,
     w_gate: Tensor,
-    w_noise: Tensor,
+    w_noise: Optional[Tensor],
     k: int,
     noise: Optional[Tensor] = None,
     keep: Optional[Tensor] = None,
@@ -121,7 +121,7 @@ def noisy_top_k(
     """Noisy top-k gating and its auxiliary loss.
 
     Args:
-        inp: (G, d) fp32 router inputs; w_gate, w_noise: (d, N)
+        inp: (G, d) fp32 router inputs; w_gate, w_noise: (d, N) (w_noise only read with noise)
         k: selected experts, ``compressed`` of them compressed experts (main experts' gates:
             ``weighting``, see top_k_gates)
         noise: (G, N) standard normal noise (training), or None

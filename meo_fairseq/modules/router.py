@@ -172,7 +172,7 @@ class Router(nn.Module):
             g, loss = reference.noisy_top_k(
                 inp,
                 self.w_gate.float(),
-                self.w_noise.float(),
+                self.w_noise.float() if noisy else None,  # (a cast is an op: only when read)
                 cfg.top_k,
                 noise,
                 keep,
