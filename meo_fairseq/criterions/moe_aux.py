@@ -11,6 +11,8 @@ is added: after fairseq's division every expert layer contributes exactly its we
 loss, independent of the batch size. The logged ``loss`` stays the task loss (so perplexities are
 the model's); ``moe_aux`` is logged beside it. The logged statistics are layer averages per batch
 with a ``moe_batches`` count, so logging outputs can be summed across workers (fairseq's fast path).
+They are 0-dim tensors, as fairseq's own losses in a logging output: read on the host when fairseq
+logs, after the backward, not in the middle of the training step.
 """
 
 import torch
@@ -37,7 +39,7 @@ def aux_and_stats(model):
     total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
     if not summaries:
         return total, {}
-    # one batch of ops and one transfer for all routers (they share the number of experts)
+    # one batch of ops for all routers (they share the number of experts)
     if len({s.numel() for s in summaries}) == 1:
         parts = [summarize(torch.stack(summaries).float())]
     else:
@@ -51,10 +53,9 @@ def aux_and_stats(model):
             torch.cat([p["entropy"] for p in parts]).sum(),
             total.detach().float(),
         ]
-    ).tolist()
-    n = len(summaries)
-    out = {"moe_aux": vals[-1]}
-    out.update({f"moe_{c}": v / n for c, v in zip(cols, vals)})
+    )  # (a tensor, read at logging time: no wait for the device between forward and backward)
+    means = (vals[:-1] / len(summaries)).unbind()
+    out = {"moe_aux": vals[-1], **{f"moe_{c}": v for c, v in zip(cols, means)}}
     out["moe_batches"] = 1
     return total, out
 
