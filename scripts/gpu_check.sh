@@ -6,9 +6,9 @@
 #   layers    python -m meo_fairseq.benchmark layers --device cuda: bf16 expert FFNs at BERT-base
 #             shapes (32x128 and 8x512 tokens, 768/3072, 16 experts, top-4), eager and compiled,
 #             as ratios to dense in the same run; op counts, graph breaks, memory
+#   tests     pytest tests/test_gpu.py
 #   model     python -m meo_fairseq.benchmark model --precision bf16: fairseq-train words/s of
 #             dense and MEO on the XSum recipe's model (meo_bart_large, 8 experts, top-2)
-#   tests     pytest tests/test_gpu.py
 #   compiled  the model step again with --moe-compile
 # OUT/summary.txt says what each step ran, its exit status and its time.
 # Each step has a time limit, and the whole run stays within --budget seconds. A step that would
@@ -18,8 +18,9 @@
 # torch is the machine's own. fairseq and the packages the machine's image lacks are installed
 # from .whl/ into a temporary folder; make .whl/ with scripts/gpu_wheels.sh where PyPI is reachable.
 #
-# Usage: bash scripts/gpu_check.sh [--out DIR] [--budget SECONDS] [--dry-run]
+# Usage: bash scripts/gpu_check.sh [--out DIR] [--budget SECONDS] [--steps LIST] [--dry-run]
 #   --out      where the logs go (default: $OUT if set, else runs/gpu)
+#   --steps    the steps to run, comma separated (default: layers,tests,model,compiled)
 #   --budget   seconds for all the steps (default 540)
 #   --dry-run  the same steps at toy sizes on the CPU: checks this script on a machine without a GPU
 # Environment: PYTHON (default: .venv/bin/python with --dry-run, else python3).
@@ -27,17 +28,24 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu}
 budget=540
+steps=layers,tests,model,compiled
 dry=0
 while [ $# -gt 0 ]; do
   case $1 in
     --out) out=${2:?--out needs a folder}; shift 2 ;;
     --budget) budget=${2:?--budget needs seconds}; shift 2 ;;
+    --steps) steps=${2:?--steps needs a list}; shift 2 ;;
     --dry-run) dry=1; shift ;;
     -h | --help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 case $budget in '' | *[!0-9]*) echo "gpu_check.sh: --budget takes whole seconds, not '$budget'" >&2; exit 2 ;; esac
+for s in ${steps//,/ }; do
+  case $s in layers | tests | model | compiled) ;; *)
+    echo "gpu_check.sh: --steps: unknown step '$s' (layers, tests, model, compiled)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 [ "$dry" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 mkdir -p "$out"
@@ -69,6 +77,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # meo_fairseq from this check
 step() {  # step NAME LIMIT COMMAND...: run COMMAND into OUT/NAME.txt within LIMIT and the budget
   local name=$1 limit=$2 left t0 rc
   shift 2
+  case ",$steps," in *",$name,"*) ;; *) return ;; esac
   left=$((t_end - $(date +%s)))
   if [ "$left" -lt 60 ]; then
     say "$name: skipped, ${left}s of the budget left"
@@ -109,8 +118,8 @@ else
   layers=(--device cuda --repeats 10)
   model+=(--arch meo_bart_large --precision bf16 --updates 30 --log-interval 10 --max-tokens 4096)
 fi
-step layers 210 "${bench[@]}" layers --variants dense,moe-token,meo,meo-token "${layers[@]}"
-step model 180 "${bench[@]}" model "${model[@]}"
-step tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step layers 200 "${bench[@]}" layers --variants dense,moe-token,meo,meo-token "${layers[@]}"
+step tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step model 170 "${bench[@]}" model "${model[@]}"
 step compiled 240 "${bench[@]}" model "${model[@]}" --train-args=--moe-compile
 say "done; logs in $out"

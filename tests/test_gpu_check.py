@@ -11,7 +11,7 @@ import torch
 from cli_utils import REPO
 
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-STEPS = ("layers", "model", "tests", "compiled")
+STEPS = ("layers", "tests", "model", "compiled")
 
 
 def _check(*args, timeout=600):
@@ -46,7 +46,12 @@ def test_budget_skips_late_steps_and_bad_options(tmp_path):
     assert p.returncode == 0
     summary = (tmp_path / "summary.txt").read_text()
     assert [s for s in STEPS if f"{s}: skipped" in summary] == list(STEPS)
-    for bad, message in ((["--nope"], "unknown option '--nope'"), (["--budget", "5m"], "whole seconds")):
+    p = _check("--dry-run", "--out", tmp_path / "one", "--steps", "tests")  # one step alone
+    assert p.returncode == 0
+    summary = (tmp_path / "one" / "summary.txt").read_text()
+    assert "tests: exit 0" in summary and not any(s in summary for s in ("layers", "model", "compiled"))
+    bad_options = ((["--nope"], "unknown option '--nope'"), (["--budget", "5m"], "whole seconds"))
+    for bad, message in bad_options + ((["--steps", "tests,nope"], "unknown step 'nope'"),):
         p = _check(*bad)
         assert p.returncode == 2 and message in p.stderr
 
