@@ -6,7 +6,9 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 from test_models_incremental import build
+from test_modules_reference import HostSyncs
 
+from meo_fairseq.criterions.moe_aux import add_aux
 from meo_fairseq.models.upcycle import upcycle_from_checkpoint
 
 
@@ -112,3 +114,55 @@ def _save_state(state, path):
          "last_optimizer_state": None},
         str(path),
     )  # fmt: skip
+
+
+def _train_step(model, tokens, task):
+    """Forward, the criteria's auxiliary loss and statistics (moe_aux.add_aux), backward."""
+    if task == "language_modeling":
+        out = model(tokens)[0]
+    else:
+        out = model(tokens, torch.tensor([15, 20, 20]), tokens)[0]
+    logging_output = {}
+    add_aux(out.float().logsumexp(-1).sum(), model, 10, logging_output).backward()
+    return logging_output
+
+
+@pytest.mark.parametrize(
+    "arch,task,extra",
+    [
+        (
+            "meo_transformer_lm_tiny",
+            "language_modeling",
+            ["--tokens-per-sample", "64", "--moe-segment-length", "8"],
+        ),
+        ("meo_transformer_tiny", "translation", []),
+    ],
+)
+def test_expert_layers_add_no_host_sync_to_a_fairseq_training_step(arch, task, extra, monkeypatch):
+    """A fairseq model's training step (forward, the criteria's auxiliary loss and statistics,
+    backward) with the GPU path (--moe-impl reference) waits for the device exactly as often as the
+    dense model of the same architecture: fairseq's own reads (positions, padding), none of ours."""
+    syncs = HostSyncs().patch(monkeypatch)
+    seen = {}
+    for mode in (["dense"], ["meo"], ["moe", "--moe-level", "token"]):
+        flags = extra + [
+            "--moe-experts",
+            "4",
+            "--moe-top-k",
+            "2",
+            "--moe-impl",
+            "reference",
+            "--moe-mode",
+            *mode,
+        ]
+        model, d = build(arch, task, flags)
+        model.train()
+        tokens = torch.randint(4, len(d), (3, 20), generator=torch.Generator().manual_seed(0))
+        tokens[0, 15:] = d.pad()
+        _train_step(model, tokens, task)  # (warm-up: lazy state)
+        syncs.seen = []
+        with syncs:
+            logged = _train_step(model, tokens, task)
+        seen[mode[0]] = syncs.seen
+        assert ("moe_balance" in logged) == (mode[0] != "dense")
+    assert seen["meo"] == seen["moe"] == seen["dense"], seen

@@ -326,17 +326,39 @@ def test_reference_op_count_is_fixed_and_bounded():
     assert bf16["dense"] == 17 and bf16["meo"] <= 93, bf16
 
 
-class _HostSyncs(TorchDispatchMode):
-    """Records the ops that make the host wait for the device: a scalar read (``item``, ``bool``)
-    or an output whose shape depends on the data (``nonzero``, boolean indexing, ``unique``...).
-    ``tolist`` of a CPU tensor dispatches nothing: the test patches it."""
+class HostSyncs(TorchDispatchMode):
+    """Records what makes the host wait for the device: a scalar read (``item``, ``bool``), an
+    output whose shape depends on the data (``nonzero``, boolean indexing, ``unique``...), and the
+    ``tolist`` / ``item`` calls, which on the CPU dispatch nothing: ``patch(monkeypatch)`` counts
+    them (they still work). ``seen``: what was recorded, in order."""
 
     SYNC = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_dim"}
     SYNC |= {"unique_consecutive", "repeat_interleave"}
 
     def __init__(self):
         super().__init__()
-        self.seen = []
+        self.seen, self.recording = [], False
+
+    def patch(self, monkeypatch):
+        for name in ("tolist", "item"):
+            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
+        return self
+
+    def _counted(self, name, original):
+        def counted(t, *args, **kwargs):
+            if self.recording:
+                self.seen.append(f"Tensor.{name}")
+            return original(t, *args, **kwargs)
+
+        return counted
+
+    def __enter__(self):
+        self.recording = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.recording = False
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket.__name__ in self.SYNC:
@@ -351,18 +373,16 @@ def test_reference_training_and_decoding_steps_never_wait_for_the_device(variant
     of a tensor on the host and make no tensor whose shape depends on the data."""
     from meo_fairseq.benchmark.layers import variant_config
 
-    read = []
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: read.append(t.shape) or [])
-    monkeypatch.setattr(torch.Tensor, "item", lambda t: read.append(t.shape) or 0)
+    syncs = HostSyncs().patch(monkeypatch)
     m = _randomize_(MoEFFN(16, 32, variant_config(variant, 4, 2, "reference"))).train()
     pad = torch.zeros(2, 6, dtype=torch.bool)
     pad[0, 4:] = True
     x = torch.randn(2, 6, 16, requires_grad=True)
     m(x, pad).sum().backward()  # (warm-up: lazy state)
-    with _HostSyncs() as syncs:
+    with syncs:
         loss = m(x, pad).square().sum() + sum(r.aux_loss for r in m.routers())
         loss.backward()
-    assert syncs.seen == [] and read == []
+    assert syncs.seen == []
     if variant == "moe-token":  # (token routing decodes as it trains)
         return
     for unit, routing in (("linear", "encoder"), ("ffn", "prefix")):
@@ -370,10 +390,10 @@ def test_reference_training_and_decoding_steps_never_wait_for_the_device(variant
         cfg = cfg.with_(level=variant_config(variant, 4, 2).level, impl="reference")
         m = _randomize_(MoEFFN(16, 32, cfg, router_dim=16 if routing == "encoder" else None)).eval()
         ctx, state = torch.randn(3, 16), {}
-        with torch.no_grad(), _HostSyncs() as syncs:
+        with torch.no_grad(), syncs:
             for _ in range(4):  # prefix routing fixes its gates after 2 positions; then cached
                 m(torch.randn(3, 1, 16), context=ctx, state=state)
-        assert syncs.seen == [] and read == [], (unit, routing)
+        assert syncs.seen == [], (unit, routing)
 
 
 def _breaks(fn, *args):
