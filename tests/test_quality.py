@@ -316,12 +316,14 @@ def test_study_end_to_end(lm_bin, tmp_path, capsys):
         Q.StudyError, match=r"other defaults of the plugin:\n  layer.balance_weight: 0.5 then"
     ):
         bench_main(argv)
-    # a run recorded before resolved options were kept (or with an option unknown then) is reused,
-    # and the log says what was not compared
+    # a run recorded before resolved options were kept is refused, or reused on request (the log
+    # says it was not compared)
     del run["resolved"]
     path.write_text(json.dumps(run))
+    with pytest.raises(Q.StudyError, match="cannot be checked: use another --out .* or --reuse-unchecked"):
+        bench_main(argv)
     capsys.readouterr()
-    assert bench_main(argv) == 0
+    assert bench_main(argv + ["--reuse-unchecked"]) == 0
     assert "not compared with the current defaults: (the run predates" in capsys.readouterr().out
 
 

@@ -46,7 +46,8 @@ not run again, an interrupted one continues from its last checkpoint (saved at e
 and several invocations may share one ``--out`` (a lock per run). A run whose options changed is
 refused: use another ``--out`` or variant name. So is a run of the same command made when the
 plugin's defaults differed: each run records its options with every default resolved
-(``resolved_options``), and the error names those that changed.
+(``resolved_options``), and the error names those that changed. A run made before that record
+existed is refused too, unless ``--reuse-unchecked``.
 """
 
 import argparse
@@ -372,6 +373,12 @@ def run_one(a, name: str, cmd: List[str], run_dir: Path, updates: int, label: st
                     f"{run_dir} holds a run with other options:\n  {res['key']}\nnot\n  {key}\n"
                     "use another --out or variant name"
                 )
+            if "resolved" not in res and not a.reuse_unchecked:
+                raise StudyError(
+                    f"{run_dir} holds a run made before runs recorded their options with every "
+                    "default resolved, so whether the plugin's defaults changed since cannot be "
+                    "checked: use another --out to run it again, or --reuse-unchecked to reuse it as it is"
+                )
             changed, one_sided = resolved_differences(res.get("resolved"), resolved)
             if changed:
                 raise StudyError(
@@ -615,6 +622,9 @@ def collect(a, variants: Dict[str, str], names: List[str], settings: List[str], 
                 cmd = job_cmd(a, variants, out, setting, name, seed)
                 if not same_run(res["key"], run_key(cmd)):
                     continue
+                if "resolved" not in res and not a.reuse_unchecked:
+                    log(f"left out {path.parent}: its defaults cannot be checked (--reuse-unchecked)")
+                    continue
                 if resolved_differences(res.get("resolved"), resolved_options(cmd))[0]:
                     log(f"left out {path.parent}: made under other defaults of the plugin")
                     continue
@@ -670,6 +680,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="OMP threads per fairseq process")
     p.add_argument(
         "--report", action="store_true", help="run nothing: the table of the finished runs in --out"
+    )
+    p.add_argument(
+        "--reuse-unchecked",
+        action="store_true",
+        help="reuse (and report) finished runs made before runs recorded their options with every "
+        "default resolved: whether the plugin's defaults changed since cannot be checked for them "
+        "(without this flag such a run stops the study)",
     )
     p.add_argument("--verbose", action="store_true", help="show fairseq's output")
     p.add_argument(
