@@ -18,9 +18,10 @@
 # torch is the machine's own. fairseq and the packages the machine's image lacks are installed
 # from .whl/ into a temporary folder; make .whl/ with scripts/gpu_wheels.sh where PyPI is reachable.
 #
-# Usage: bash scripts/gpu_check.sh [--out DIR] [--budget SECONDS] [--steps LIST] [--dry-run]
+# Usage: bash scripts/gpu_check.sh [--out DIR] [--budget SECONDS] [--steps LIST] [--arch ARCH] [--dry-run]
 #   --out      where the logs go (default: $OUT if set, else runs/gpu)
 #   --steps    the steps to run, comma separated (default: layers,tests,model,compiled)
+#   --arch     the model of the model steps (default: meo_bart_large; meo_bart_base is smaller)
 #   --budget   seconds for all the steps (default 540)
 #   --dry-run  the same steps at toy sizes on the CPU: checks this script on a machine without a GPU
 # Environment: PYTHON (default: .venv/bin/python with --dry-run, else python3).
@@ -29,12 +30,14 @@ cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu}
 budget=540
 steps=layers,tests,model,compiled
+arch=meo_bart_large
 dry=0
 while [ $# -gt 0 ]; do
   case $1 in
     --out) out=${2:?--out needs a folder}; shift 2 ;;
     --budget) budget=${2:?--budget needs seconds}; shift 2 ;;
     --steps) steps=${2:?--steps needs a list}; shift 2 ;;
+    --arch) arch=${2:?--arch needs an architecture}; shift 2 ;;
     --dry-run) dry=1; shift ;;
     -h | --help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -116,7 +119,7 @@ if [ "$dry" = 1 ]; then
   model+=(--arch meo_transformer_tiny --precision fp32 --updates 4 --log-interval 2 --max-tokens 512)
 else
   layers=(--device cuda --repeats 10)
-  model+=(--arch meo_bart_large --precision bf16 --updates 30 --log-interval 10 --max-tokens 4096)
+  model+=(--arch "$arch" --precision bf16 --updates 30 --log-interval 10 --max-tokens 4096)
 fi
 step layers 200 "${bench[@]}" layers --variants dense,moe-token,meo,meo-token "${layers[@]}"
 step tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
