@@ -313,6 +313,7 @@ def resolved_options(cmd: List[str]) -> Dict:
 
     from ..models.init import resolved_init
     from ..models.moe_args import layer_configs
+    from ..modules.config import unused_options
 
     quiet = logging.getLogger("fairseq.utils")  # ("--user-dir ... has already been imported")
     level = quiet.level
@@ -331,11 +332,7 @@ def resolved_options(cmd: List[str]) -> Dict:
     if layer.mode == "dense":  # (a dense FFN ignores every other expert option)
         layer = {"mode": "dense"}
     else:
-        drop = {"impl", "compile"}  # and the options that mean nothing for this layer:
-        if layer.mode != "meo" or layer.level != "token":
-            drop.add("token_block_order")  # (no token block)
-        if not layer.compressed_experts:
-            drop.add("compressed_weighting")
+        drop = {"impl", "compile"} | unused_options(layer.mode, layer.level, layer.compressed_experts)
         layer = {k: v for k, v in dataclasses.asdict(layer).items() if k not in drop}
     sizes = {k: v for k, v in vars(args).items() if re.match(r"(encoder|decoder)_", k)}
     # through JSON, as result.json stores them (tuples become lists)

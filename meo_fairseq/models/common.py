@@ -20,6 +20,7 @@ from fairseq.models.transformer import (
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.utils import safe_getattr
 
+from ..modules.config import unused_options
 from .moe_args import gate_noise
 from .moe_layers import MoETransformerDecoderLayer, MoETransformerEncoderLayer
 
@@ -181,10 +182,8 @@ def build_metadata(
     for name, value in (defaults or {}).items():
         if moe.get(name) is None:
             moe[name] = value
-    if (moe["moe_mode"] or "meo") != "meo" or moe["moe_level"] != "token":
-        moe["moe_token_block_order"] = None  # no token block: the order means nothing
-    if not moe["moe_compressed_experts"]:
-        moe["moe_compressed_weighting"] = None
+    for name in unused_options(moe["moe_mode"], moe["moe_level"], moe["moe_compressed_experts"]):
+        moe["moe_" + name] = None  # (e.g. no token block: its order means nothing)
     # training options that do not change the function, compared on resume with a warning
     training = {"gate_noise": gate_noise(args)}
     return {"version": META_VERSION, "dictionaries": dicts, "moe": moe, "training": training}

@@ -47,6 +47,19 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+def unused_options(mode: Optional[str], level: Optional[str], compressed_experts: int) -> set:
+    """The MoEConfig fields that mean nothing for a layer of this mode, level and number of
+    compressed experts (whatever their value, it computes the same): ``token_block_order``
+    without a token block (token-level MEO only), ``compressed_weighting`` without compressed
+    experts. Checkpoint metadata and the quality study leave them out of their comparisons."""
+    unused = set()
+    if (mode or "meo") != "meo" or level != "token":
+        unused.add("token_block_order")
+    if not compressed_experts:
+        unused.add("compressed_weighting")
+    return unused
+
+
 def _flag(name: str) -> str:
     """The fairseq command-line flag that sets a field (routing is the decoder's flag)."""
     if name == "routing":
